@@ -1,0 +1,47 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CONSTRAINTS := requirements/dev-constraints.txt
+STAMP := $(VENV)/.installed
+DISTS := -e . -e plugins/dreamerv3 -e plugins/tdmpc2 -e exporters/onnx
+
+.PHONY: demo test lint typecheck docs install clean bench
+
+$(STAMP): pyproject.toml plugins/*/pyproject.toml exporters/*/pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade -c $(CONSTRAINTS) setuptools wheel
+	$(PIP) install -q -c $(CONSTRAINTS) torch
+	$(PIP) install -q -c $(CONSTRAINTS) $(DISTS) \
+		onnx onnxruntime onnxscript matplotlib pytest pytest-xdist hypothesis ruff mypy \
+		mkdocs mkdocs-material mkdocstrings mkdocstrings-python
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir site
+	$(VENV)/bin/pytest -n 2 -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/state_io.py
+	$(PY) benchmarks/registry_startup.py
+
+clean:
+	rm -rf $(VENV) site build

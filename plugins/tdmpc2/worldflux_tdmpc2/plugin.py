@@ -1,0 +1,1 @@
+"""worldflux-registry plugin module (hooks filled in by the family)."""

@@ -1,0 +1,110 @@
+"""Seeded example inputs generated from a contract (tests, export tracing, parity, benchmarks)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._contract import IOContract, NoiseSpec, TensorSpec
+from ._payloads import ConditionPayload, WorldModelInput
+
+__all__ = ["make_actions", "make_noise", "make_observations", "make_tensor"]
+
+# Uniform noise stays off the ends: inverse-CDF and Gumbel transforms diverge at 0 and 1.
+_EPS = 1e-6
+
+
+def make_tensor(
+    spec: TensorSpec,
+    lead: tuple[int, ...],
+    generator: torch.Generator,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """A tensor for ``spec`` whose ``batch`` dim is replaced by ``lead`` (e.g. ``(T, B)``).
+
+    Values lie inside ``[low, high]`` when declared; unbounded floats are standard normal,
+    categorical tensors are one-hot samples, discrete ones integer labels below ``classes``.
+    """
+    rest = spec.concrete_shape(batch=1)[1:]
+    shape = (*lead, *rest)
+    dtype = getattr(torch, spec.dtype)
+    if spec.kind == "categorical":
+        assert spec.classes is not None
+        idx = torch.randint(0, spec.classes, shape[:-1], generator=generator)
+        out = torch.nn.functional.one_hot(idx, spec.classes).to(dtype)
+    elif spec.kind == "discrete":
+        assert spec.classes is not None
+        out = torch.randint(0, spec.classes, shape, generator=generator).to(dtype)
+    elif spec.kind == "binary" or spec.dtype == "bool":
+        out = (torch.rand(shape, generator=generator) > 0.5).to(dtype)
+    elif not spec.is_float:
+        low = int(spec.low) if spec.low is not None else 0
+        high = int(spec.high) if spec.high is not None else 255
+        out = torch.randint(low, high + 1, shape, generator=generator).to(dtype)
+    elif spec.low is not None and spec.high is not None:
+        u = torch.rand(shape, generator=generator, dtype=torch.float64)
+        out = (spec.low + (spec.high - spec.low) * u).to(dtype)
+    else:
+        out = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+    return out.to(device) if device is not None else out
+
+
+def make_observations(
+    contract: IOContract,
+    lead: tuple[int, ...],
+    generator: torch.Generator,
+    device: torch.device | str | None = None,
+) -> dict[str, Tensor]:
+    """Observations for every declared observation name, leading dims ``lead``."""
+    return {s.name: make_tensor(s, lead, generator, device) for s in contract.observations}
+
+
+def make_actions(
+    contract: IOContract,
+    lead: tuple[int, ...],
+    generator: torch.Generator,
+    device: torch.device | str | None = None,
+) -> Tensor | None:
+    """Actions with leading dims ``lead`` (``(B,)`` for one step, ``(T, B)`` for a rollout)."""
+    if contract.action is None:
+        return None
+    spec = contract.action
+    if spec.kind == "continuous" and spec.low is None and spec.high is None:
+        spec = TensorSpec(spec.name, spec.dtype, spec.shape, low=-1.0, high=1.0)
+    return make_tensor(spec, lead, generator, device)
+
+
+def make_noise(
+    contract: IOContract,
+    graph: str,
+    lead: tuple[int, ...],
+    generator: torch.Generator,
+    device: torch.device | str | None = None,
+) -> dict[str, Tensor]:
+    """Noise inputs of ``graph`` keyed by noise name, leading dims ``lead``."""
+    out = {}
+    for noise in contract.noise_for(graph):
+        out[noise.name] = _noise_tensor(noise, lead, generator, device)
+    return out
+
+
+def _noise_tensor(
+    noise: NoiseSpec,
+    lead: tuple[int, ...],
+    generator: torch.Generator,
+    device: torch.device | str | None,
+) -> Tensor:
+    spec = noise.as_tensor_spec()
+    if noise.distribution == "uniform":
+        spec = TensorSpec(spec.name, spec.dtype, spec.shape, low=_EPS, high=1.0 - _EPS)
+    return make_tensor(spec, lead, generator, device)
+
+
+def noise_conditions(noise: dict[str, Tensor]) -> ConditionPayload:
+    """Noise tensors as the ``wf.noise.<name>`` condition extras a model reads."""
+    return ConditionPayload({f"wf.noise.{k}": v for k, v in noise.items()})
+
+
+def encode_input(obs: dict[str, Tensor], noise: dict[str, Tensor]) -> WorldModelInput:
+    """An ``encode`` input carrying its noise."""
+    return WorldModelInput(obs, noise_conditions(noise) if noise else None)

@@ -1,0 +1,394 @@
+"""`WorldModel`: the protocol every family implements (an ``nn.Module`` and ABC)."""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from ._contract import Capability, IOContract, NoiseSpec
+from ._payloads import (
+    ActionPayload,
+    ConditionPayload,
+    LossOutput,
+    ModelOutput,
+    Trajectory,
+    WorldModelInput,
+    tensor_problems,
+)
+from ._state import State
+from .errors import CapabilityError, ContractError
+
+__all__ = ["WorldModel"]
+
+_M = TypeVar("_M", bound="WorldModel")
+
+ObsLike = Tensor | Mapping[str, Tensor] | WorldModelInput
+ActionLike = Tensor | ActionPayload | None
+
+
+class WorldModel(nn.Module, ABC):
+    """Base class for all world models.
+
+    A family subclasses it, sets ``family`` and ``capabilities``, stores its JSON-serializable
+    config in ``self.config`` and implements ``encode``, ``transition``, ``decode`` (and
+    ``update``, ``loss``). Inputs may be plain tensors or protocol payloads; the helpers
+    `observations`, `action_tensor` and `noise` normalise them.
+    """
+
+    #: Family name as registered (used by ``save_pretrained`` and ``io_contract``).
+    family: ClassVar[str | None] = None
+    #: Capabilities every instance advertises.
+    capabilities: ClassVar[frozenset[Capability]] = frozenset()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config: dict[str, Any] = {}
+        self.preset: str | None = None
+        self._contract_cache: IOContract | None = None
+
+    @classmethod
+    def from_config(cls: type[_M], config: Mapping[str, Any]) -> _M:
+        """Build a model from a full config mapping (default: ``cls(**config)``)."""
+        return cls(**config)
+
+    # -- capabilities ------------------------------------------------------------------------
+    def supports(self, capability: Capability | str) -> bool:
+        """Return True if the model advertises a capability."""
+        return Capability.parse(capability) in self.capabilities
+
+    def require(self, capability: Capability | str, message: str | None = None) -> None:
+        """Raise `CapabilityError` if the model does not support a capability."""
+        cap = Capability.parse(capability)
+        if cap not in self.capabilities:
+            name = type(self).__name__
+            raise CapabilityError(
+                message or f"{name} does not support {cap.value!r}",
+                hint="supported: " + ", ".join(sorted(c.value for c in self.capabilities)),
+                family=self.family,
+            )
+
+    # -- contract ----------------------------------------------------------------------------
+    def io_contract(self) -> IOContract:
+        """Return runtime I/O contract.
+
+        Subclasses should override this when they have richer modality/state specs. The default
+        keeps backward compatibility for existing models: it asks the registered family spec
+        for the contract of ``self.config``.
+        """
+        if self._contract_cache is None:
+            if self.family is None:
+                raise ContractError(
+                    f"{type(self).__name__} declares no family and does not override io_contract()",
+                    hint="set the class attribute 'family' or override io_contract()",
+                )
+            from ._registry import registry
+
+            self._contract_cache = registry.get(self.family).contract_for(self.config)
+        return self._contract_cache
+
+    def contract_fingerprint(self) -> str:
+        """Return a stable fingerprint for this model's declared IO contract."""
+        return self.io_contract().fingerprint()
+
+    def validate_state_contract(self, state: State) -> None:
+        """Validate state tensor keys/shapes against model I/O contract.
+
+        Raises `ContractError` listing every missing or unexpected key and every tensor whose
+        shape or dtype disagrees with the contract.
+        """
+        contract = self.io_contract()
+        problems = _key_problems("state", state.tensors, contract.state_keys)
+        dims: dict[str, int] = {}
+        for spec in contract.state:
+            if spec.name in state.tensors:
+                where = f"state {spec.name!r}"
+                problems += tensor_problems(where, state.tensors[spec.name], spec, dims)
+        if problems:
+            raise ContractError("; ".join(problems), hint="compare with io_contract().state")
+
+    def validate_batch_contract(self, batch: Mapping[str, Tensor]) -> None:
+        """Validate batch keys/layouts against model I/O contract.
+
+        A training batch maps each observation name, ``"action"`` and each target name to a
+        tensor laid out ``[batch, time, ...]`` (the contract's per-step shape with a time axis
+        after the batch axis). Raises `ContractError` listing every problem.
+        """
+        contract = self.io_contract()
+        specs = list(contract.observations) + list(contract.targets)
+        if contract.action is not None:
+            specs.append(contract.action)
+        problems = _key_problems("batch", batch, [s.name for s in specs])
+        dims: dict[str, int] = {}
+        for spec in specs:
+            if spec.name in batch:
+                timed = type(spec)(**{**spec.__dict__, "shape": ("batch", "time", *spec.shape[1:])})
+                problems += tensor_problems(f"batch {spec.name!r}", batch[spec.name], timed, dims)
+        if problems:
+            raise ContractError("; ".join(problems), hint="lay batches out [batch, time, ...]")
+
+    # -- input normalisation -----------------------------------------------------------------
+    def observations(self, obs: ObsLike) -> tuple[dict[str, Tensor], ConditionPayload | None]:
+        """Normalise ``obs`` to ``(name -> tensor, conditions)``.
+
+        A bare tensor is taken as the only declared observation; a `WorldModelInput` also
+        carries conditions (such as ``encode`` noise).
+        """
+        conditions = None
+        if isinstance(obs, WorldModelInput):
+            conditions = obs.conditions
+            obs = obs.observations
+        if isinstance(obs, Mapping):
+            return dict(obs), conditions
+        names = self.io_contract().observation_names
+        if len(names) != 1:
+            raise ContractError(
+                f"a bare tensor was given but the contract declares observations {names}",
+                hint="pass a dict keyed by observation name",
+            )
+        return {names[0]: obs}, conditions
+
+    def action_tensor(self, action: ActionLike) -> Tensor | None:
+        """The tensor of an action given as a tensor or an `ActionPayload`."""
+        if action is None or isinstance(action, Tensor):
+            return action
+        if isinstance(action, ActionPayload):
+            action.validate(api_version=self.io_contract().api_version)
+            value = action.primary()
+            if value is not None and not isinstance(value, Tensor):
+                raise ContractError(
+                    f"action payload of kind {action.kind!r} holds no tensor",
+                    hint="this model takes tensor actions",
+                )
+            return value
+        raise ContractError(f"action must be a Tensor or ActionPayload, got {type(action).__name__}")
+
+    def noise(
+        self,
+        name: str,
+        conditions: ConditionPayload | None,
+        batch: int,
+        *,
+        device: torch.device | None = None,
+    ) -> Tensor:
+        """The noise tensor ``name``: from ``conditions`` (``wf.noise.<name>``) when given,
+        otherwise sampled from torch's generator as the contract declares it."""
+        spec = _noise_spec(self.io_contract(), name)
+        given = None if conditions is None else conditions.extras.get(spec.condition_key)
+        shape = spec.as_tensor_spec().concrete_shape(batch=batch)
+        if given is not None:
+            if tuple(given.shape) != shape:
+                raise ContractError(
+                    f"noise {spec.condition_key!r} has shape {tuple(given.shape)}, expected {shape}"
+                )
+            return given
+        dtype = getattr(torch, spec.dtype)
+        if spec.distribution == "uniform":
+            return torch.rand(shape, device=device, dtype=dtype)
+        return torch.randn(shape, device=device, dtype=dtype)
+
+    # -- the protocol ------------------------------------------------------------------------
+    @abstractmethod
+    def encode(self, obs: ObsLike, deterministic: bool = False) -> State:
+        """Encode observation to latent state."""
+
+    @abstractmethod
+    def transition(
+        self,
+        state: State,
+        action: ActionLike,
+        conditions: ConditionPayload | None = None,
+        deterministic: bool = False,
+    ) -> State:
+        """Predict next state (prior/imagination)."""
+
+    def update(
+        self,
+        state: State,
+        action: ActionLike,
+        obs: ObsLike,
+        conditions: ConditionPayload | None = None,
+        deterministic: bool = False,
+    ) -> State:
+        """Update state with observation (posterior).
+
+        ``deterministic`` is an addition to the seed signature (last, optional): it asks for the
+        mode instead of a sample, as every other step allows.
+        """
+        raise CapabilityError(
+            f"{type(self).__name__} does not implement update()", family=self.family
+        )
+
+    @abstractmethod
+    def decode(self, state: State, conditions: ConditionPayload | None = None) -> ModelOutput:
+        """Decode latent state to predictions."""
+
+    async def async_encode(self, obs: ObsLike, deterministic: bool = False) -> State:
+        """Asynchronous non-blocking variant of encode."""
+        return await asyncio.to_thread(self.encode, obs, deterministic)
+
+    async def async_transition(
+        self,
+        state: State,
+        action: ActionLike,
+        conditions: ConditionPayload | None = None,
+        deterministic: bool = False,
+    ) -> State:
+        """Asynchronous non-blocking variant of transition."""
+        return await asyncio.to_thread(self.transition, state, action, conditions, deterministic)
+
+    async def async_decode(
+        self, state: State, conditions: ConditionPayload | None = None
+    ) -> ModelOutput:
+        """Asynchronous non-blocking variant of decode."""
+        return await asyncio.to_thread(self.decode, state, conditions)
+
+    def plan_step(
+        self,
+        state: State,
+        action: ActionLike,
+        conditions: ConditionPayload | None = None,
+        deterministic: bool = False,
+    ) -> State:
+        """Optional planner hook. Default delegates to transition()."""
+        return self.transition(state, action, conditions, deterministic)
+
+    def sample_step(
+        self,
+        state: State,
+        action: ActionLike = None,
+        conditions: ConditionPayload | None = None,
+        deterministic: bool = False,
+    ) -> ModelOutput:
+        """Optional sampler hook for generative families.
+
+        If an action is provided, transition first then decode. Otherwise decode state.
+        """
+        if action is not None:
+            state = self.transition(state, action, conditions, deterministic)
+        output = self.decode(state, conditions)
+        output.state = state
+        return output
+
+    def teacher_forcing_step(
+        self,
+        state: State,
+        action: ActionLike,
+        obs: ObsLike,
+        conditions: ConditionPayload | None = None,
+    ) -> State:
+        """Optional training hook. Default delegates to update()."""
+        return self.update(state, action, obs, conditions)
+
+    def rollout(
+        self,
+        initial_state: State,
+        action_sequence: Tensor | ActionPayload,
+        conditions: ConditionPayload | None = None,
+        deterministic: bool = False,
+        mode: str = "autoregressive",
+    ) -> Trajectory:
+        """Default rollout implementation using transition + decode.
+
+        ``action_sequence`` is laid out ``[T, batch, ...]``. Noise extras in ``conditions`` may
+        carry a leading time axis (``[T, *noise shape]``): step ``t`` then gets slice ``t``.
+        Returns a `Trajectory` with every prediction stacked over steps, plus ``rewards`` and
+        ``continues`` when the contract predicts ``reward`` and ``continue``.
+        """
+        if mode != "autoregressive":
+            raise CapabilityError(
+                f"rollout mode {mode!r} is not supported by {type(self).__name__}",
+                hint="use mode='autoregressive'",
+            )
+        actions = self.action_tensor(action_sequence)
+        if actions is None:
+            raise ContractError("rollout needs an action sequence [T, batch, ...]")
+        contract = self.io_contract()
+        states = [initial_state]
+        outputs: list[dict[str, Tensor]] = []
+        state = initial_state
+        for t in range(int(actions.shape[0])):
+            step_conditions = step_slice(contract, conditions, t)
+            state = self.transition(state, actions[t], step_conditions, deterministic)
+            states.append(state)
+            outputs.append(self.decode(state, step_conditions).predictions)
+        predictions = (
+            {k: torch.stack([o[k] for o in outputs]) for k in outputs[0]} if outputs else {}
+        )
+        return Trajectory(
+            states=states,
+            actions=actions,
+            rewards=predictions.get("reward"),
+            continues=predictions.get("continue"),
+            predictions=predictions,
+        )
+
+    async def async_rollout(
+        self,
+        initial_state: State,
+        action_sequence: Tensor | ActionPayload,
+        conditions: ConditionPayload | None = None,
+        deterministic: bool = False,
+        mode: str = "autoregressive",
+    ) -> Trajectory:
+        """Asynchronous non-blocking variant of rollout."""
+        return await asyncio.to_thread(
+            self.rollout, initial_state, action_sequence, conditions, deterministic, mode
+        )
+
+    @abstractmethod
+    def loss(self, batch: Mapping[str, Tensor]) -> LossOutput:
+        """Compute training loss."""
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Save model weights and config using a unified directory layout.
+
+        Writes ``config.json`` and ``model.safetensors`` atomically (temporary sibling
+        directory, then rename). Returns the directory.
+        """
+        from ._checkpoint import save_pretrained
+
+        return save_pretrained(self, path)
+
+
+def _key_problems(where: str, given: Mapping[str, Any], declared: Any) -> list[str]:
+    declared = list(declared)
+    problems = []
+    missing = [k for k in declared if k not in given]
+    unexpected = [k for k in given if k not in declared]
+    if missing:
+        problems.append(f"{where} is missing keys {missing}")
+    if unexpected:
+        problems.append(f"{where} has unexpected keys {unexpected}")
+    return problems
+
+
+def _noise_spec(contract: IOContract, name: str) -> NoiseSpec:
+    for spec in contract.noise:
+        if spec.name == name:
+            return spec
+    raise ContractError(
+        f"noise {name!r} is not declared in the contract",
+        hint="declared noise: " + (", ".join(n.name for n in contract.noise) or "none"),
+    )
+
+
+def step_slice(
+    contract: IOContract, conditions: ConditionPayload | None, t: int
+) -> ConditionPayload | None:
+    """Conditions for rollout step ``t``: noise extras with a leading time axis are sliced."""
+    if conditions is None:
+        return None
+    ranks = {n.condition_key: len(n.shape) for n in contract.noise}
+    extras = {}
+    for key, value in conditions.extras.items():
+        rank = ranks.get(key)
+        if rank is not None and isinstance(value, Tensor) and value.dim() == rank + 1:
+            value = value[t]
+        extras[key] = value
+    return ConditionPayload(extras)

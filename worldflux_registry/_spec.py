@@ -1,0 +1,197 @@
+"""Torch-free declarations a plugin returns from its hooks: `FamilySpec` and `ExporterSpec`."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._contract import Capability, IOContract
+from .errors import ConfigError, ContractError, PluginError, did_you_mean
+
+__all__ = ["ExporterSpec", "FamilySpec"]
+
+_NAME = re.compile(r"^[a-z][a-z0-9_.-]*$")
+_TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+MATURITIES = ("experimental", "beta", "stable", "deprecated")
+
+
+def _check_name(kind: str, name: object) -> None:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise PluginError(
+            f"{kind} name {name!r} is invalid",
+            hint="use lowercase letters, digits, '_', '-' or '.'; never ':' or '/'",
+        )
+
+
+def _check_target(what: str, target: object) -> None:
+    if not isinstance(target, str) or not _TARGET.match(target):
+        raise PluginError(
+            f"{what} {target!r} is not of the form 'package.module:Attribute'",
+            hint="name the object as a string so it is imported only when needed",
+        )
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """A model family as a plugin declares it: torch-free data.
+
+    Attributes:
+        name: Family name used in refs (``"dreamerv3"``): lowercase, no ``:`` or ``/``.
+        summary: One line shown by ``worldflux-registry list``.
+        model: The model class as ``"package.module:Class"``; imported only when a model is
+            built. The class is built with ``Class.from_config(config)``.
+        defaults: Every config field with its default value; overrides are checked against it.
+        presets: Preset name -> config overrides on top of ``defaults``.
+        default_preset: Preset used when a ref names only the family.
+        contract: ``contract(config) -> IOContract``, torch-free.
+        capabilities: What every model of the family can do.
+        aliases: Other names that resolve to this family.
+        maturity: ``"experimental"``, ``"beta"``, ``"stable"`` or ``"deprecated"``.
+        version: Family version; checkpoints from a newer major version are refused.
+        param_count: Optional ``param_count(config) -> int``, torch-free, shown by ``info``.
+        distribution: The distribution that provides the family (filled in by discovery).
+        distribution_version: Its version (filled in by discovery).
+    """
+
+    name: str
+    summary: str
+    model: str
+    defaults: Mapping[str, Any]
+    presets: Mapping[str, Mapping[str, Any]]
+    default_preset: str
+    contract: Callable[[Mapping[str, Any]], IOContract]
+    capabilities: frozenset[Capability] = frozenset()
+    aliases: tuple[str, ...] = ()
+    maturity: str = "experimental"
+    version: str = "0.1.0"
+    param_count: Callable[[Mapping[str, Any]], int] | None = None
+    distribution: str | None = field(default=None, compare=False)
+    distribution_version: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "capabilities", frozenset(Capability.parse(c) for c in self.capabilities)
+        )
+        object.__setattr__(self, "aliases", tuple(self.aliases))
+
+    def validate(self) -> FamilySpec:
+        """Raise `PluginError` naming the bad field; return self when valid."""
+        _check_name("family", self.name)
+        for alias in self.aliases:
+            _check_name("alias", alias)
+        _check_target(f"family {self.name!r} model", self.model)
+        if not isinstance(self.summary, str):
+            raise PluginError(f"family {self.name!r} summary must be a string")
+        if not isinstance(self.defaults, Mapping):
+            raise PluginError(f"family {self.name!r} defaults must be a mapping")
+        if not isinstance(self.presets, Mapping) or not self.presets:
+            raise PluginError(f"family {self.name!r} declares no presets")
+        for preset, overrides in self.presets.items():
+            _check_name(f"family {self.name!r} preset", preset)
+            unknown = [k for k in overrides if k not in self.defaults]
+            if unknown:
+                raise PluginError(
+                    f"family {self.name!r} preset {preset!r} sets unknown fields {unknown}",
+                    hint="declare every config field in defaults",
+                )
+        if self.default_preset not in self.presets:
+            raise PluginError(
+                f"family {self.name!r} default_preset {self.default_preset!r} is not a preset",
+                hint="presets: " + ", ".join(self.presets),
+            )
+        if self.maturity not in MATURITIES:
+            raise PluginError(
+                f"family {self.name!r} maturity {self.maturity!r} is unknown",
+                hint="use one of " + ", ".join(MATURITIES),
+            )
+        if not callable(self.contract):
+            raise PluginError(f"family {self.name!r} contract must be callable")
+        return self
+
+    def config(self, preset: str | None = None, **overrides: Any) -> dict[str, Any]:
+        """Full config of ``preset`` (default preset when None) with ``overrides`` applied.
+
+        Raises:
+            ResolutionError: unknown preset (with the did-you-mean).
+            ConfigError: an override names no config field (with the did-you-mean).
+        """
+        from .errors import ResolutionError
+
+        name = self.default_preset if preset is None else preset
+        if name not in self.presets:
+            raise ResolutionError(
+                f"family {self.name!r} has no preset {name!r}.{did_you_mean(name, self.presets)}",
+                hint="presets: " + ", ".join(self.presets),
+                family=self.name,
+            )
+        config = dict(self.defaults)
+        config.update(self.presets[name])
+        for key, value in overrides.items():
+            if key not in self.defaults:
+                raise ConfigError(
+                    f"family {self.name!r} has no config field {key!r}."
+                    f"{did_you_mean(key, self.defaults)}",
+                    hint="fields: " + ", ".join(sorted(self.defaults)),
+                    family=self.name,
+                )
+            config[key] = value
+        return config
+
+    def contract_for(self, config: Mapping[str, Any]) -> IOContract:
+        """The family's contract for ``config``, validated; errors name the family."""
+        try:
+            contract = self.contract(config)
+        except ContractError:
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"family {self.name!r} contract() raised {exc!r}",
+                hint="report this to the family's authors",
+                family=self.name,
+                distribution=self.distribution,
+            ) from exc
+        if not isinstance(contract, IOContract):
+            raise PluginError(
+                f"family {self.name!r} contract() returned {type(contract).__name__}, "
+                "not IOContract",
+                family=self.name,
+            )
+        return contract.validate()
+
+
+@dataclass(frozen=True)
+class ExporterSpec:
+    """An export format as a plugin declares it: torch-free data.
+
+    Attributes:
+        name: Format name used by ``export(model, name, out)`` (``"onnx"``).
+        summary: One line for listings.
+        exporter: ``"package.module:function"`` called as
+            ``function(model, out_dir, **options) -> Path``.
+        loader: ``"package.module:function"`` called as ``function(path, **options)`` returning
+            a `WorldModel` for an artifact directory; None when artifacts are not loadable.
+        artifact_format: The ``format`` value in the artifact's ``manifest.json`` that routes
+            ``registry.load(dir)`` to ``loader``.
+        distribution: Providing distribution (filled in by discovery).
+        distribution_version: Its version (filled in by discovery).
+    """
+
+    name: str
+    summary: str
+    exporter: str
+    loader: str | None = None
+    artifact_format: str | None = None
+    distribution: str | None = field(default=None, compare=False)
+    distribution_version: str | None = field(default=None, compare=False)
+
+    def validate(self) -> ExporterSpec:
+        """Raise `PluginError` naming the bad field; return self when valid."""
+        _check_name("exporter", self.name)
+        _check_target(f"exporter {self.name!r} exporter", self.exporter)
+        if self.loader is not None:
+            _check_target(f"exporter {self.name!r} loader", self.loader)
+            if not self.artifact_format:
+                raise PluginError(f"exporter {self.name!r} has a loader but no artifact_format")
+        return self
