@@ -421,4 +421,3 @@ def iter_specs(contract: IOContract) -> Iterable[tuple[str, TensorSpec]]:
         yield "action", contract.action
     for noise in contract.noise:
         yield "noise", noise.as_tensor_spec()
-

@@ -166,7 +166,9 @@ class WorldModel(nn.Module, ABC):
                     hint="this model takes tensor actions",
                 )
             return value
-        raise ContractError(f"action must be a Tensor or ActionPayload, got {type(action).__name__}")
+        raise ContractError(
+            f"action must be a Tensor or ActionPayload, got {type(action).__name__}"
+        )
 
     def noise(
         self,
@@ -182,6 +184,10 @@ class WorldModel(nn.Module, ABC):
         given = None if conditions is None else conditions.extras.get(spec.condition_key)
         shape = spec.as_tensor_spec().concrete_shape(batch=batch)
         if given is not None:
+            if not isinstance(given, Tensor):
+                raise ContractError(
+                    f"noise {spec.condition_key!r} is a {type(given).__name__}, not a tensor"
+                )
             if tuple(given.shape) != shape:
                 raise ContractError(
                     f"noise {spec.condition_key!r} has shape {tuple(given.shape)}, expected {shape}"
@@ -353,7 +359,8 @@ class WorldModel(nn.Module, ABC):
         """
         from ._checkpoint import save_pretrained
 
-        return save_pretrained(self, path)
+        saved: Path = save_pretrained(self, path)
+        return saved
 
 
 def _key_problems(where: str, given: Mapping[str, Any], declared: Any) -> list[str]:

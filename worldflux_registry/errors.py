@@ -5,7 +5,7 @@ Every error the library raises on bad input derives from :class:`WorldFluxRegist
     WorldFluxRegistryError
      ├── ContractError           a contract, payload, batch or state disagrees with its declaration
      ├── CapabilityError         the model does not advertise the capability asked for
-     ├── PluginError             a plugin failed to import, raised in a hook, or gave an invalid spec
+     ├── PluginError             a plugin failed to import, raised in a hook, or gave a bad spec
      │    └── PluginConflictError    two distributions claim the same family name or alias
      ├── ResolutionError         a ref names no family, preset, fingerprint or directory
      │    └── AmbiguousReferenceError a fingerprint prefix matches several presets
