@@ -1,1 +1,31 @@
-"""worldflux-registry plugin module (hooks filled in by the family)."""
+"""worldflux-registry plugin module of the TD-MPC2 family (torch-free: imports only the spec)."""
+
+from __future__ import annotations
+
+from worldflux_registry._spec import FamilySpec
+from worldflux_registry.hookspecs import hookimpl
+
+from . import spec
+
+__all__ = ["worldflux_registry_families"]
+
+
+@hookimpl
+def worldflux_registry_families() -> list[FamilySpec]:
+    """Return the TD-MPC2 family."""
+    return [
+        FamilySpec(
+            name=spec.FAMILY,
+            summary="TD-MPC2: SimNorm latent, MLP dynamics, two-hot reward, Q ensemble, policy",
+            model="worldflux_tdmpc2.model:TDMPC2WorldModel",
+            defaults=spec.DEFAULTS,
+            presets=spec.PRESETS,
+            default_preset="size5m",
+            contract=spec.contract,
+            capabilities=spec.CAPABILITIES,
+            aliases=("td-mpc2",),
+            maturity="beta",
+            version="0.1.0",
+            param_count=spec.param_count,
+        )
+    ]

@@ -1,0 +1,440 @@
+"""TD-MPC2 world model (Hansen, Su and Wang, ICLR 2024) behind the `WorldModel` protocol.
+
+Faithful to the official implementation (``nicklashansen/tdmpc2``, ``common/layers.py``,
+``common/world_model.py``, ``tdmpc2.py``) for single-task vector observations:
+
+- ``NormedLinear`` = Linear, (Dropout), LayerNorm, Mish; the last layer of the encoder and of the
+  dynamics uses SimNorm (softmax over groups of ``simnorm_dim``) in place of Mish.
+- Reward and the ``num_q`` Q heads regress onto ``num_bins`` two-hot bins in symlog space
+  (``vmin``..``vmax``); their last weights start at zero. Q heads drop out (``dropout``) after
+  their first layer. A frozen target copy of the Q ensemble gives TD targets.
+- Policy prior: tanh-squashed Gaussian with ``log_std`` squashed into ``[log_std_min,
+  log_std_max]``.
+
+Protocol mapping (see ``docs/families/tdmpc2.md``):
+
+- ``encode(obs)`` -> ``State(latent=enc(obs), reward=0)``.
+- ``transition(state, a)`` -> ``State(latent=d(z, a), reward=R(z, a))``: TD-MPC2's reward is a
+  function of the state *and* the action, so the transition that takes the action also predicts
+  it and carries it in the state; ``decode`` then reads it, so rollout rewards line up with the
+  actions exactly as in TD-MPC2's planner.
+- ``update(state, a, obs)`` -> ``State(latent=enc(obs), reward=R(state.latent, a))``. TD-MPC2
+  has no filtering: its posterior *is* the encoding of the new observation (its own control loop
+  encodes every observation); the previous latent and action give the reward of the step just
+  observed.
+- ``decode(state)`` -> ``reward`` (from the state), ``value`` (mean of the Q ensemble at the
+  policy's mean action, the expectation of TD-MPC2's average-of-two-random-heads estimate) and
+  ``policy_mean``.
+
+Every step is deterministic (dropout acts only in training mode), so no noise inputs are
+declared and ``deterministic`` changes nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from itertools import pairwise
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from worldflux_registry._contract import IOContract
+from worldflux_registry._model import ActionLike, ObsLike, WorldModel
+from worldflux_registry._payloads import (
+    ActionPayload,
+    ConditionPayload,
+    LossOutput,
+    ModelOutput,
+    Trajectory,
+)
+from worldflux_registry._state import State
+from worldflux_registry.errors import ContractError
+
+from . import spec
+
+__all__ = ["SimNorm", "TDMPC2WorldModel", "symexp", "symlog", "two_hot"]
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def symlog(x: Tensor) -> Tensor:
+    """``sign(x) * log(1 + |x|)``."""
+    return torch.sign(x) * torch.log1p(torch.abs(x))
+
+
+def symexp(x: Tensor) -> Tensor:
+    """Inverse of `symlog`."""
+    return torch.sign(x) * torch.expm1(torch.abs(x))
+
+
+def two_hot(x: Tensor, num_bins: int, vmin: float, vmax: float) -> Tensor:
+    """Soft two-hot encoding of ``symlog(x)`` over ``num_bins`` bins spanning ``[vmin, vmax]``.
+
+    ``x`` has any shape; the bins are a new last axis.
+    """
+    bin_size = (vmax - vmin) / (num_bins - 1)
+    pos = (torch.clamp(symlog(x), vmin, vmax) - vmin) / bin_size
+    low = torch.clamp(torch.floor(pos), 0, num_bins - 1)
+    frac = (pos - low).unsqueeze(-1)
+    low_idx = low.long().unsqueeze(-1)
+    # At vmax frac is 0, so the wrap-around to bin 0 (as in the official code) adds nothing.
+    high_idx = (low_idx + 1) % num_bins
+    out = torch.zeros(*x.shape, num_bins, dtype=x.dtype, device=x.device)
+    out = out.scatter(-1, low_idx, 1 - frac)
+    return out.scatter_add(-1, high_idx, frac)
+
+
+def soft_ce(logits: Tensor, target: Tensor, num_bins: int, vmin: float, vmax: float) -> Tensor:
+    """Cross-entropy of bin ``logits`` against the two-hot encoding of scalar ``target``."""
+    return -(two_hot(target, num_bins, vmin, vmax) * F.log_softmax(logits, dim=-1)).sum(-1)
+
+
+class SimNorm(nn.Module):
+    """Simplicial normalisation: softmax over consecutive groups of ``dim`` features."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the groupwise softmax; the shape is unchanged."""
+        groups = x.shape[-1] // self.dim
+        y = x.reshape(*x.shape[:-1], groups, self.dim)
+        return F.softmax(y, dim=-1).reshape(x.shape)
+
+
+class NormedLinear(nn.Linear):
+    """Linear layer followed by (dropout), LayerNorm and an activation (Mish by default)."""
+
+    def __init__(
+        self, fan_in: int, fan_out: int, dropout: float = 0.0, act: nn.Module | None = None
+    ) -> None:
+        super().__init__(fan_in, fan_out)
+        self.ln = nn.LayerNorm(fan_out)
+        self.act = act if act is not None else nn.Mish()
+        self.dropout = nn.Dropout(dropout) if dropout else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Linear, dropout, LayerNorm, activation."""
+        x = super().forward(x)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return self.act(self.ln(x))
+
+
+def mlp(dims: list[int], act: nn.Module | None = None, dropout: float = 0.0) -> nn.Sequential:
+    """The official ``layers.mlp``: NormedLinear layers, the last one plain unless ``act``."""
+    layers: list[nn.Module] = [
+        NormedLinear(a, b, dropout=dropout if i == 0 else 0.0)
+        for i, (a, b) in enumerate(pairwise(dims[:-1]))
+    ]
+    layers.append(NormedLinear(dims[-2], dims[-1], act=act) if act else nn.Linear(*dims[-2:]))
+    return nn.Sequential(*layers)
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class TDMPC2WorldModel(WorldModel):
+    """The TD-MPC2 world model; config fields as in `worldflux_tdmpc2.spec.DEFAULTS`.
+
+    ``loss(batch)`` takes ``vector`` ``[B, T, obs_dim]``, ``action`` ``[B, T, action_dim]`` and
+    ``reward`` ``[B, T]`` laid out like TD-MPC2's replay buffer: ``action[:, t]`` and
+    ``reward[:, t]`` are the action that led to ``vector[:, t]`` and the reward received with it,
+    so index 0 of both is ignored and the horizon is ``T - 1``.
+    """
+
+    family = spec.FAMILY
+    capabilities = spec.CAPABILITIES
+
+    def __init__(self, **config: Any) -> None:
+        super().__init__()
+        unknown = sorted(set(config) - set(spec.DEFAULTS))
+        if unknown:
+            raise ContractError(
+                f"unknown tdmpc2 config fields {unknown}",
+                hint="fields: " + ", ".join(sorted(spec.DEFAULTS)),
+            )
+        cfg = {**spec.DEFAULTS, **config}
+        spec.check_config(cfg)
+        self.config = cfg
+        obs, act, lat = cfg["obs_dim"], cfg["action_dim"], cfg["latent_dim"]
+        enc, hid, bins = cfg["enc_dim"], cfg["mlp_dim"], cfg["num_bins"]
+        simnorm = cfg["simnorm_dim"]
+        self.encoder = mlp(
+            [obs] + [enc] * max(cfg["num_enc_layers"] - 1, 1) + [lat], act=SimNorm(simnorm)
+        )
+        self.dynamics = mlp([lat + act, hid, hid, lat], act=SimNorm(simnorm))
+        self.reward_head = mlp([lat + act, hid, hid, bins])
+        self.pi_head = mlp([lat, hid, hid, 2 * act])
+        self.qs = nn.ModuleList(
+            mlp([lat + act, hid, hid, bins], dropout=cfg["dropout"]) for _ in range(cfg["num_q"])
+        )
+        self.apply(_init_weights)
+        last_layers = [self.reward_head[-1]] + [q[-1] for q in self.qs]
+        for layer in last_layers:
+            assert isinstance(layer, nn.Linear)
+            nn.init.zeros_(layer.weight)
+        self.target_qs = copy.deepcopy(self.qs).requires_grad_(False)
+        bin_values = torch.linspace(cfg["vmin"], cfg["vmax"], bins)
+        self.register_buffer("bins", bin_values, persistent=False)
+        # Running 5%-95% range of Q used to scale the optional policy loss (official RunningScale).
+        self.register_buffer("q_scale", torch.ones(()))
+
+    # -- building blocks (the official WorldModel methods) -------------------------------------
+    def _two_hot_inv(self, logits: Tensor) -> Tensor:
+        bins: Tensor = self.bins
+        return symexp((F.softmax(logits, dim=-1) * bins).sum(-1))
+
+    def encode_vector(self, obs: Tensor) -> Tensor:
+        """Latent of a vector observation ``[..., obs_dim]``."""
+        z: Tensor = self.encoder(obs)
+        return z
+
+    def next(self, z: Tensor, action: Tensor) -> Tensor:
+        """Next latent ``d(z, a)``."""
+        out: Tensor = self.dynamics(torch.cat([z, action], dim=-1))
+        return out
+
+    def reward(self, z: Tensor, action: Tensor) -> Tensor:
+        """Reward bin logits ``R(z, a)`` (``[..., num_bins]``); see `reward_value` for scalars."""
+        out: Tensor = self.reward_head(torch.cat([z, action], dim=-1))
+        return out
+
+    def reward_value(self, z: Tensor, action: Tensor) -> Tensor:
+        """Scalar reward ``R(z, a)`` (``[...]``)."""
+        return self._two_hot_inv(self.reward(z, action))
+
+    def q_logits(self, z: Tensor, action: Tensor, target: bool = False) -> Tensor:
+        """Bin logits of every Q head, ``[num_q, ..., num_bins]`` (target copy when asked)."""
+        za = torch.cat([z, action], dim=-1)
+        heads = self.target_qs if target else self.qs
+        return torch.stack([q(za) for q in heads])
+
+    def q_min_of_two(self, z: Tensor, action: Tensor, target: bool = True) -> Tensor:
+        """TD-MPC2's pessimistic value: minimum over two randomly chosen Q heads (``[...]``)."""
+        pick = torch.randperm(self.config["num_q"])[:2].tolist()
+        za = torch.cat([z, action], dim=-1)
+        heads = self.target_qs if target else self.qs
+        q1, q2 = (self._two_hot_inv(heads[i](za)) for i in pick)
+        return torch.minimum(q1, q2)
+
+    def pi(
+        self, z: Tensor, deterministic: bool = False, eps: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Policy prior: ``(mean action, action, log_prob)``, actions in ``[-1, 1]``.
+
+        ``eps`` (standard normal, shaped like the action) is the sampling noise; drawn from
+        torch's generator when None. ``deterministic=True`` returns the mean as the action.
+        """
+        mu, raw_log_std = self.pi_head(z).chunk(2, dim=-1)
+        lo, hi = self.config["log_std_min"], self.config["log_std_max"]
+        log_std = lo + 0.5 * (hi - lo) * (torch.tanh(raw_log_std) + 1)
+        if deterministic:
+            eps = torch.zeros_like(mu)
+        elif eps is None:
+            eps = torch.randn_like(mu)
+        sample = mu + eps * log_std.exp()
+        log_prob = (-0.5 * eps.pow(2) - log_std - _HALF_LOG_2PI).sum(-1)
+        mean, action = torch.tanh(mu), torch.tanh(sample)
+        log_prob = log_prob - torch.log(F.relu(1 - action.pow(2)) + 1e-6).sum(-1)
+        return mean, action, log_prob
+
+    def value(self, z: Tensor) -> Tensor:
+        """Mean over the Q ensemble at the policy prior's mean action (``[...]``)."""
+        mean, _, _ = self.pi(z, deterministic=True)
+        return self._two_hot_inv(self.q_logits(z, mean)).mean(0)
+
+    # -- protocol ------------------------------------------------------------------------------
+    def io_contract(self) -> IOContract:
+        """The family contract for this model's config (no registry lookup needed)."""
+        if self._contract_cache is None:
+            self._contract_cache = spec.contract(self.config).validate()
+        return self._contract_cache
+
+    def _vector(self, obs: ObsLike) -> Tensor:
+        tensors, _ = self.observations(obs)
+        if "vector" not in tensors:
+            raise ContractError(
+                f"tdmpc2 observations need key 'vector', got {sorted(tensors)}",
+                hint="pass {'vector': tensor[batch, obs_dim]}",
+            )
+        return tensors["vector"]
+
+    def _action(self, action: ActionLike) -> Tensor:
+        a = self.action_tensor(action)
+        if a is None:
+            raise ContractError("tdmpc2 transition and update need an action [batch, action_dim]")
+        return a
+
+    def encode(self, obs: ObsLike, deterministic: bool = False) -> State:
+        """Encode a vector observation; the state's ``reward`` is 0 (no step led here yet)."""
+        z = self.encode_vector(self._vector(obs))
+        return State({"latent": z, "reward": z.new_zeros(z.shape[:-1])})
+
+    def transition(
+        self,
+        state: State,
+        action: ActionLike,
+        conditions: ConditionPayload | None = None,
+        deterministic: bool = False,
+    ) -> State:
+        """Next latent ``d(z, a)``, carrying the predicted reward ``R(z, a)`` of this step."""
+        z, a = state["latent"], self._action(action)
+        return State({"latent": self.next(z, a), "reward": self.reward_value(z, a)})
+
+    def update(
+        self,
+        state: State,
+        action: ActionLike,
+        obs: ObsLike,
+        conditions: ConditionPayload | None = None,
+        deterministic: bool = False,
+    ) -> State:
+        """Posterior after ``action`` and the observation it produced.
+
+        TD-MPC2 does no filtering: the posterior latent is the encoding of ``obs``. The previous
+        latent and ``action`` give the predicted reward of the step just observed.
+        """
+        z, a = state["latent"], self._action(action)
+        latent = self.encode_vector(self._vector(obs))
+        return State({"latent": latent, "reward": self.reward_value(z, a)})
+
+    def decode(self, state: State, conditions: ConditionPayload | None = None) -> ModelOutput:
+        """Predictions of a state: ``reward`` (of the step into it), ``value``, ``policy_mean``."""
+        z = state["latent"]
+        mean, _, _ = self.pi(z, deterministic=True)
+        value = self._two_hot_inv(self.q_logits(z, mean)).mean(0)
+        return ModelOutput(
+            predictions={"reward": state["reward"], "value": value, "policy_mean": mean}
+        )
+
+    def rollout(
+        self,
+        initial_state: State,
+        action_sequence: Tensor | ActionPayload,
+        conditions: ConditionPayload | None = None,
+        deterministic: bool = False,
+        mode: str = "autoregressive",
+    ) -> Trajectory:
+        """`WorldModel.rollout` with ``values`` filled in (``[T + 1, batch]``, initial included).
+
+        ``sum(rewards) + discount-weighted values[-1]`` is TD-MPC2's planning objective.
+        """
+        traj = super().rollout(initial_state, action_sequence, conditions, deterministic, mode)
+        first = self.decode(initial_state, conditions).predictions["value"]
+        rest = traj.predictions.get("value")
+        traj.values = first[None] if rest is None else torch.cat([first[None], rest])
+        return traj
+
+    # -- training ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def soft_update_target(self, tau: float | None = None) -> None:
+        """Polyak-average the online Q heads into the target copy (``tau`` from the config)."""
+        tau = self.config["tau"] if tau is None else tau
+        for online, target in zip(self.qs.parameters(), self.target_qs.parameters(), strict=True):
+            target.lerp_(online, tau)
+
+    def loss(self, batch: Mapping[str, Tensor]) -> LossOutput:
+        """TD-MPC2 world-model loss: consistency, reward and value terms (and optional policy).
+
+        In training mode with gradients enabled the target Q copy is first Polyak-updated
+        (``tau``). Calling ``loss`` once per optimizer step therefore reproduces the official
+        "soft update after every step" schedule (the first call is a no-op: target == online).
+
+        The policy-prior loss (Q-maximisation with entropy bonus, on detached latents and
+        detached Q weights, so it trains only the policy head) is added with weight
+        ``policy_coef`` (0 by default: the world-model terms only); it is always reported in
+        ``metrics``.
+        """
+        cfg = self.config
+        obs, action, reward = batch["vector"], batch["action"], batch["reward"]
+        if obs.dim() != 3 or obs.shape[1] < 2:
+            raise ContractError(
+                f"tdmpc2 loss needs vector [batch, time >= 2, obs_dim], got {tuple(obs.shape)}",
+                hint="action[:, t] and reward[:, t] lead to vector[:, t]; index 0 is ignored",
+            )
+        if self.training and torch.is_grad_enabled():
+            self.soft_update_target()
+        # Time-major, as in the official code; drop the step-0 action and reward.
+        obs = obs.transpose(0, 1)
+        action = action.transpose(0, 1)[1:]
+        reward = reward.transpose(0, 1)[1:]
+        horizon = action.shape[0]
+        bins, vmin, vmax = cfg["num_bins"], cfg["vmin"], cfg["vmax"]
+        weights = cfg["rho"] ** torch.arange(horizon, device=obs.device, dtype=obs.dtype)
+
+        with torch.no_grad():
+            next_z = self.encode_vector(obs[1:])
+            _, next_action, _ = self.pi(next_z)
+            td_target = reward + cfg["discount"] * self.q_min_of_two(next_z, next_action)
+
+        z = self.encode_vector(obs[0])
+        zs = [z]
+        consistency = obs.new_zeros(())
+        for t in range(horizon):
+            z = self.next(z, action[t])
+            consistency = consistency + F.mse_loss(z, next_z[t]) * weights[t]
+            zs.append(z)
+        latents = torch.stack(zs[:-1])
+        reward_ce = soft_ce(self.reward(latents, action), reward, bins, vmin, vmax)  # [H, B]
+        q_ce = soft_ce(self.q_logits(latents, action), td_target, bins, vmin, vmax)  # [Q, H, B]
+        consistency = consistency / horizon
+        reward_loss = (reward_ce.mean(-1) * weights).sum() / horizon
+        value_loss = (q_ce.mean(-1) * weights).sum(-1).mean() / horizon
+        total = (
+            cfg["consistency_coef"] * consistency
+            + cfg["reward_coef"] * reward_loss
+            + cfg["value_coef"] * value_loss
+        )
+        policy_loss = self._policy_loss(torch.stack(zs).detach())
+        if cfg["policy_coef"]:
+            total = total + cfg["policy_coef"] * policy_loss
+        components = {"consistency": consistency, "reward": reward_loss, "value": value_loss}
+        if cfg["policy_coef"]:
+            components["policy"] = policy_loss
+        with torch.no_grad():
+            pred_reward = self._two_hot_inv(self.reward(latents, action))
+            metrics = {
+                "policy_loss": policy_loss.detach(),
+                "reward_mae": (pred_reward - reward).abs().mean(),
+                "td_target_mean": td_target.mean(),
+                "q_scale": self.q_scale.clone(),
+            }
+        return LossOutput(loss=total, components=components, metrics=metrics)
+
+    def _policy_loss(self, zs: Tensor) -> Tensor:
+        cfg = self.config
+        _, action, log_prob = self.pi(zs)
+        detached = {k: v.detach() for k, v in self.qs.named_parameters()}
+        za = torch.cat([zs, action], dim=-1)
+        pick = torch.randperm(cfg["num_q"])[:2].tolist()
+        q = torch.stack(
+            [
+                self._two_hot_inv(torch.func.functional_call(self.qs[i], _sub(detached, i), (za,)))
+                for i in pick
+            ]
+        ).mean(0)  # [H + 1, B]
+        if self.training and torch.is_grad_enabled():
+            with torch.no_grad():
+                lo, hi = torch.quantile(
+                    q[0].detach().float(), torch.tensor([0.05, 0.95], device=q.device)
+                )
+                self.q_scale.lerp_(torch.clamp(hi - lo, min=1.0), cfg["tau"])
+        q = q / self.q_scale
+        weights = cfg["rho"] ** torch.arange(zs.shape[0], device=zs.device, dtype=zs.dtype)
+        per_step = -(cfg["entropy_coef"] * -log_prob + q).mean(-1)
+        return (per_step * weights).mean()
+
+
+def _sub(params: dict[str, Tensor], index: int) -> dict[str, Tensor]:
+    prefix = f"{index}."
+    return {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
