@@ -1,0 +1,403 @@
+"""Plugin discovery: entry points -> pluggy -> validated specs, each plugin isolated.
+
+Torch-free. Every plugin (one entry point, or one object passed to ``Registry(plugins=...)``) is
+imported, registered with pluggy, checked and called on its own, so that an import error, a hook
+that raises, an invalid spec or a hook pluggy rejects marks only that plugin broken.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import pluggy
+
+from . import hookspecs
+from ._spec import ExporterSpec, FamilySpec
+from .errors import PluginConflictError, PluginError
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "ENV_BLOCK",
+    "ENV_PLUGINS",
+    "ENV_STRICT",
+    "Discovery",
+    "PluginRecord",
+    "discover",
+]
+
+#: Entry point group a plugin distribution declares its plugin modules in.
+ENTRY_POINT_GROUP: Final = "worldflux_registry"
+#: ``1`` makes discovery raise on the first broken or conflicting plugin (CI of plugin packages).
+ENV_STRICT: Final = "WORLDFLUX_REGISTRY_STRICT"
+#: Comma list of distributions whose entry points load; empty string: none; unset: all.
+ENV_PLUGINS: Final = "WORLDFLUX_REGISTRY_PLUGINS"
+#: Comma list of distributions whose entry points never load.
+ENV_BLOCK: Final = "WORLDFLUX_REGISTRY_BLOCK"
+
+STATUSES: Final = ("ok", "broken", "blocked", "conflict")
+
+
+@dataclass(frozen=True)
+class PluginRecord:
+    """What discovery made of one plugin.
+
+    Attributes:
+        distribution: Providing distribution (None for a plugin object passed directly).
+        version: Its version.
+        entry_point: ``"name = module"`` as declared, or the plugin's name when passed directly.
+        status: ``"ok"``, ``"broken"`` (import error, raising hook, invalid spec, hook rejected
+            by pluggy), ``"blocked"`` (switched off by environment) or ``"conflict"`` (a family,
+            alias or exporter name it provides is also claimed elsewhere).
+        error: Why the plugin is not ``"ok"``.
+        families: Family names it provides (or tried to provide).
+        exporters: Exporter names it provides (or tried to provide).
+    """
+
+    distribution: str | None
+    version: str | None
+    entry_point: str
+    status: str
+    error: str | None = None
+    families: tuple[str, ...] = ()
+    exporters: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON form (``worldflux-registry plugins --json``)."""
+        return {
+            "distribution": self.distribution,
+            "version": self.version,
+            "entry_point": self.entry_point,
+            "status": self.status,
+            "error": self.error,
+            "families": list(self.families),
+            "exporters": list(self.exporters),
+        }
+
+
+@dataclass
+class Discovery:
+    """Result of one discovery pass (the registry's index; treat as read-only)."""
+
+    # family name -> spec, for names claimed exactly once
+    families: dict[str, FamilySpec] = field(default_factory=dict)
+    # alias -> family name, for aliases claimed exactly once
+    aliases: dict[str, str] = field(default_factory=dict)
+    # exporter name -> spec, for names claimed exactly once
+    exporters: dict[str, ExporterSpec] = field(default_factory=dict)
+    # family/alias/exporter name claimed more than once -> the PluginConflictError to raise
+    conflicts: dict[str, PluginConflictError] = field(default_factory=dict)
+    # name a broken plugin provides (or its entry point name) -> the PluginError to raise
+    broken: dict[str, PluginError] = field(default_factory=dict)
+    records: list[PluginRecord] = field(default_factory=list)
+    plugin_manager: pluggy.PluginManager | None = None
+
+
+@dataclass
+class _Candidate:
+    """One plugin on its way through discovery."""
+
+    name: str
+    entry_point: str
+    distribution: str | None
+    version: str | None
+    load: Any  # () -> plugin object
+    families: list[FamilySpec] = field(default_factory=list)
+    exporters: list[ExporterSpec] = field(default_factory=list)
+    status: str = "ok"
+    error: str | None = None
+    claimed_families: tuple[str, ...] = ()
+    claimed_exporters: tuple[str, ...] = ()
+
+
+def normalize(name: str) -> str:
+    """PEP 503 normalised distribution name (``Foo_Bar`` -> ``foo-bar``)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _env_list(name: str) -> set[str] | None:
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    return {normalize(p.strip()) for p in raw.split(",") if p.strip()}
+
+
+def strict_from_env() -> bool:
+    """True when ``WORLDFLUX_REGISTRY_STRICT`` asks for strict discovery."""
+    return os.environ.get(ENV_STRICT, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _entry_point_candidates() -> list[_Candidate]:
+    from importlib.metadata import entry_points
+
+    allowed = _env_list(ENV_PLUGINS)
+    blocked = _env_list(ENV_BLOCK) or set()
+    out = []
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=_ep_sort_key):
+        dist = getattr(ep, "dist", None)
+        dist_name = dist.metadata["Name"] if dist is not None else None
+        cand = _Candidate(
+            name=ep.name,
+            entry_point=f"{ep.name} = {ep.value}",
+            distribution=dist_name,
+            version=dist.version if dist is not None else None,
+            load=ep.load,
+        )
+        key = normalize(dist_name or "")
+        if key in blocked:
+            cand.status, cand.error = "blocked", f"distribution is listed in {ENV_BLOCK}"
+        elif allowed is not None and key not in allowed:
+            cand.status, cand.error = "blocked", f"distribution is not listed in {ENV_PLUGINS}"
+        out.append(cand)
+    return out
+
+
+def _ep_sort_key(ep: Any) -> tuple[str, str]:
+    dist = getattr(ep, "dist", None)
+    return (normalize(dist.metadata["Name"]) if dist is not None else "", ep.name)
+
+
+def _object_candidates(plugins: Sequence[object]) -> list[_Candidate]:
+    out = []
+    for i, plugin in enumerate(plugins):
+        name = getattr(plugin, "__name__", None) or f"{type(plugin).__name__}#{i}"
+        out.append(
+            _Candidate(
+                name=name,
+                entry_point=name,
+                distribution=None,
+                version=None,
+                load=lambda p=plugin: p,
+            )
+        )
+    return out
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, PluginError):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _call_hook(
+    pm: pluggy.PluginManager, hook: str, plugin: object, others: list[object]
+) -> list[Any]:
+    # A subset caller runs only this plugin's implementation, so an exception is its own.
+    caller = pm.subset_hook_caller(hook, remove_plugins=others)
+    results = caller()
+    out: list[Any] = []
+    for result in results:
+        if not isinstance(result, (list, tuple)):
+            raise PluginError(f"hook {hook}() returned {type(result).__name__}, not a list")
+        out.extend(result)
+    return out
+
+
+def _collect(
+    pm: pluggy.PluginManager, cand: _Candidate, plugin: object, others: list[object]
+) -> None:
+    families = _call_hook(pm, "worldflux_registry_families", plugin, others)
+    exporters = _call_hook(pm, "worldflux_registry_exporters", plugin, others)
+    # Record what it claims before validating, so a lookup of an invalid family names the plugin.
+    cand.claimed_families = _names(families)
+    cand.claimed_exporters = _names(exporters)
+    for spec in families:
+        if not isinstance(spec, FamilySpec):
+            raise PluginError(f"families hook returned {type(spec).__name__}, not FamilySpec")
+        spec.validate()
+        cand.families.append(spec)
+    for spec in exporters:
+        if not isinstance(spec, ExporterSpec):
+            raise PluginError(f"exporters hook returned {type(spec).__name__}, not ExporterSpec")
+        spec.validate()
+        cand.exporters.append(spec)
+
+
+def _names(specs: list[Any]) -> tuple[str, ...]:
+    return tuple(n for n in (getattr(s, "name", None) for s in specs) if isinstance(n, str))
+
+
+def discover(
+    *,
+    entry_points: bool = True,
+    plugins: Sequence[object] = (),
+    strict: bool | None = None,
+) -> Discovery:
+    """Find, load and index every plugin; broken ones are recorded, not raised.
+
+    Args:
+        entry_points: Load plugins declared in the ``worldflux_registry`` entry point group
+            (filtered by ``WORLDFLUX_REGISTRY_PLUGINS`` / ``WORLDFLUX_REGISTRY_BLOCK``).
+        plugins: Plugin modules or objects registered directly, after the entry points.
+        strict: Raise `PluginError` on the first broken or conflicting plugin; None reads
+            ``WORLDFLUX_REGISTRY_STRICT``.
+    """
+    strict = strict_from_env() if strict is None else strict
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    candidates = (_entry_point_candidates() if entry_points else []) + _object_candidates(plugins)
+    loaded: list[tuple[_Candidate, object]] = []
+    for cand in candidates:
+        if cand.status != "ok":
+            continue
+        plugin = _load_one(pm, cand)
+        if plugin is not None:
+            loaded.append((cand, plugin))
+    objects = [p for _, p in loaded]
+    for cand, plugin in loaded:
+        try:
+            _collect(pm, cand, plugin, [o for o in objects if o is not plugin])
+        except Exception as exc:
+            cand.status, cand.error = "broken", _describe(exc)
+            cand.families.clear()
+            cand.exporters.clear()
+    result = _index(candidates)
+    result.plugin_manager = pm
+    if strict:
+        for record in result.records:
+            if record.status in ("broken", "conflict"):
+                raise PluginError(
+                    f"plugin {record.entry_point!r} from {record.distribution or 'code'} is "
+                    f"{record.status}: {record.error}",
+                    hint=f"strict discovery is on ({ENV_STRICT}=1)",
+                    distribution=record.distribution,
+                )
+    return result
+
+
+def _load_one(pm: pluggy.PluginManager, cand: _Candidate) -> object | None:
+    try:
+        plugin = cand.load()
+    except Exception as exc:
+        cand.status, cand.error = "broken", f"import failed: {_describe(exc)}"
+        return None
+    try:
+        pm.register(plugin, name=f"{cand.distribution or '<code>'}:{cand.entry_point}")
+    except pluggy.PluginValidationError as exc:
+        cand.status, cand.error = "broken", f"rejected by pluggy: {exc}"
+        return None
+    except ValueError as exc:  # the same object registered twice
+        cand.status, cand.error = "broken", f"rejected by pluggy: {exc}"
+        return None
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        # Earlier plugins already passed check_pending, so the unknown hook is this one's.
+        pm.unregister(plugin)
+        cand.status, cand.error = "broken", f"rejected by pluggy: {exc}"
+        return None
+    return plugin
+
+
+def _index(candidates: Sequence[_Candidate]) -> Discovery:
+    result = Discovery()
+    claims: dict[str, list[tuple[str, _Candidate, Any]]] = {}
+    exporter_claims: dict[str, list[tuple[_Candidate, ExporterSpec]]] = {}
+    for cand in candidates:
+        if cand.status == "broken":
+            error = PluginError(
+                f"plugin {cand.entry_point!r} from {cand.distribution or 'code'} "
+                f"{cand.version or ''} is broken: {cand.error}".replace("  ", " "),
+                hint="fix or uninstall the plugin, or block it with "
+                f"{ENV_BLOCK}={cand.distribution or '<distribution>'}",
+                distribution=cand.distribution,
+            )
+            for name in {cand.name, *cand.claimed_families, *cand.claimed_exporters}:
+                result.broken.setdefault(name, error)
+            continue
+        for spec in cand.families:
+            spec = _with_distribution(spec, cand)
+            claims.setdefault(spec.name, []).append(("family", cand, spec))
+            for alias in spec.aliases:
+                claims.setdefault(alias, []).append(("alias", cand, spec))
+        for exporter in cand.exporters:
+            exporter = _with_distribution(exporter, cand)
+            exporter_claims.setdefault(exporter.name, []).append((cand, exporter))
+
+    conflicted: dict[int, list[str]] = {}
+    for name, owners in claims.items():
+        if len(owners) == 1:
+            kind, _, spec = owners[0]
+            if kind == "family":
+                result.families[name] = spec
+            else:
+                result.aliases[name] = spec.name
+            continue
+        result.conflicts[name] = _conflict(name, [(c, f"{k} of {s.name!r}") for k, c, s in owners])
+        for _, cand, _ in owners:
+            conflicted.setdefault(id(cand), []).append(name)
+    for name, exporter_owners in exporter_claims.items():
+        if len(exporter_owners) == 1:
+            result.exporters[name] = exporter_owners[0][1]
+            continue
+        result.conflicts[name] = _conflict(name, [(c, "exporter") for c, _ in exporter_owners])
+        for cand, _ in exporter_owners:
+            conflicted.setdefault(id(cand), []).append(name)
+    # An alias whose family lost a conflict points nowhere: it resolves to the conflict instead.
+    for alias, family in list(result.aliases.items()):
+        if family not in result.families and family in result.conflicts:
+            result.conflicts[alias] = result.conflicts[family]
+            del result.aliases[alias]
+
+    for cand in candidates:
+        status, error = cand.status, cand.error
+        names = conflicted.get(id(cand))
+        if status == "ok" and names:
+            status = "conflict"
+            error = "; ".join(str(result.conflicts[n].message) for n in sorted(set(names)))
+        result.records.append(
+            PluginRecord(
+                distribution=cand.distribution,
+                version=cand.version,
+                entry_point=cand.entry_point,
+                status=status,
+                error=error,
+                families=cand.claimed_families,
+                exporters=cand.claimed_exporters,
+            )
+        )
+    return result
+
+
+def _with_distribution(spec: Any, cand: _Candidate) -> Any:
+    import dataclasses
+
+    if cand.distribution is None or spec.distribution is not None:
+        return spec
+    return dataclasses.replace(
+        spec, distribution=cand.distribution, distribution_version=cand.version
+    )
+
+
+def _conflict(name: str, owners: list[tuple[_Candidate, str]]) -> PluginConflictError:
+    who = [f"{c.distribution or c.entry_point} ({what})" for c, what in owners]
+    dists = [c.distribution or c.entry_point for c, _ in owners]
+    return PluginConflictError(
+        f"name {name!r} is claimed by " + " and by ".join(who),
+        hint="uninstall one of " + ", ".join(sorted(set(dists))) + f" or block it with {ENV_BLOCK}",
+        distribution=dists[0],
+        distributions=tuple(dists),
+        family=name,
+    )
+
+
+def resolve_target(target: str, *, what: str, distribution: str | None = None) -> Any:
+    """Import ``"package.module:attr"`` now; raise `PluginError` naming ``what`` on failure."""
+    import importlib
+
+    module_name, _, attr = target.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except Exception as exc:
+        raise PluginError(
+            f"cannot import {what} {target!r}: {_describe(exc)}",
+            hint=f"reinstall {distribution}" if distribution else "check the plugin's install",
+            distribution=distribution,
+        ) from exc
+    return obj
