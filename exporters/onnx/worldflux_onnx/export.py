@@ -1,0 +1,427 @@
+"""Lower a `WorldModel`'s graphs to ONNX with ``torch.onnx.export(dynamo=True)``.
+
+Called through ``worldflux_registry.export(model, "onnx", out_dir)``; `export_model` is the
+exporter entry named by this package's `ExporterSpec`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from worldflux_registry._contract import IOContract
+from worldflux_registry.errors import ExportError
+
+from ._graphs import ALL_GRAPHS, GraphModule, GraphSignature, check_graphs, example_inputs, signature
+from ._manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    META_EXPORTER,
+    META_FAMILY,
+    META_FINGERPRINT,
+    META_GRAPH,
+    META_PRESET,
+    sha256_file,
+    write_json_atomic,
+)
+
+__all__ = ["DEFAULT_OPSET", "PRECISIONS", "export_model"]
+
+#: Opset used when none is asked for: the newest that TensorRT 10 and ORT >= 1.18 both run.
+DEFAULT_OPSET = 18
+PRECISIONS = ("fp32", "fp16")
+#: Batch size of the example inputs: >= 2 so the exporter cannot specialise the batch to 1.
+EXAMPLE_BATCH = 2
+
+Progress = Callable[[str, str], None]
+
+
+def export_model(
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    *,
+    opset: int | None = None,
+    graphs: Sequence[str] | str = ("encode", "transition", "decode"),
+    precision: str = "fp32",
+    progress: Progress | None = None,
+    example_batch: int = EXAMPLE_BATCH,
+    overwrite: bool = True,
+) -> Path:
+    """Export ``model``'s graphs to ONNX files plus ``manifest.json`` in ``out_dir``.
+
+    Args:
+        model: A `WorldModel` (torch).
+        out_dir: Artifact directory; written atomically (temporary sibling, then rename). An
+            existing export there is replaced; any other non-empty directory is refused.
+        opset: ONNX opset (default `DEFAULT_OPSET`).
+        graphs: Graph names, or ``"all"`` for every graph the model's capabilities allow.
+        precision: ``"fp32"`` or ``"fp16"`` (weights and compute in half, graph inputs and outputs
+            float32, normalisation layers float32).
+        progress: Called as ``progress(graph, "start" | "done")``.
+        example_batch: Batch of the tracing inputs (>= 2; the batch axis stays symbolic).
+
+    Raises:
+        ExportError: naming the graph, the operator or node at fault and the exporter's report.
+    """
+    out = Path(out_dir)
+    if precision not in PRECISIONS:
+        raise ExportError(
+            f"unknown precision {precision!r}", hint="use one of " + ", ".join(PRECISIONS)
+        )
+    if example_batch < 2:
+        raise ExportError("example_batch must be >= 2 so the batch axis stays symbolic")
+    opset = DEFAULT_OPSET if opset is None else int(opset)
+    contract: IOContract = model.io_contract()  # type: ignore[operator]
+    selected = _select_graphs(model, graphs)
+    if contract.conditions:
+        raise ExportError(
+            "the contract declares side conditions "
+            f"{[c.name for c in contract.conditions]}, which the ONNX exporter does not map yet",
+            hint="export a model without side conditions",
+        )
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise ExportError(
+            f"{out} exists and is not an export directory",
+            hint="choose an empty or new directory",
+        )
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} exists", hint="pass overwrite=True or another directory")
+
+    fingerprint = contract.fingerprint()
+    family = getattr(model, "family", None)
+    preset = getattr(model, "preset", None)
+    meta = {
+        META_FINGERPRINT: fingerprint,
+        META_FAMILY: str(family or ""),
+        META_PRESET: str(preset or ""),
+        META_EXPORTER: _version("worldflux-onnx"),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    was_training = model.training
+    try:
+        model.eval()
+        traced = _half_model(model) if precision == "fp16" else model
+        entries: dict[str, Any] = {}
+        for graph in selected:
+            if progress is not None:
+                progress(graph, "start")
+            sig = signature(contract, graph)
+            entries[graph] = _export_graph(
+                traced, sig, contract, tmp, opset, {**meta, META_GRAPH: graph}, example_batch,
+                half=precision == "fp16",
+            )
+            if progress is not None:
+                progress(graph, "done")
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "family": family,
+            "preset": preset,
+            "config": getattr(model, "config", {}),
+            "capabilities": sorted(c.value for c in getattr(model, "capabilities", ())),
+            "contract": contract.to_dict(),
+            "fingerprint": fingerprint,
+            "opset": opset,
+            "precision": precision,
+            "graphs": entries,
+            "versions": _versions(family),
+            "parity": None,
+        }
+        write_json_atomic(tmp / MANIFEST, manifest)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _select_graphs(model: nn.Module, graphs: Sequence[str] | str) -> tuple[str, ...]:
+    supports = getattr(model, "supports", None)
+
+    def ok(graph: str) -> bool:
+        if graph == "update":
+            return bool(supports("update")) if supports is not None else False
+        return True
+
+    if isinstance(graphs, str):
+        if graphs == "all":
+            return tuple(g for g in ALL_GRAPHS if ok(g))
+        graphs = [g.strip() for g in graphs.split(",") if g.strip()]
+    selected = check_graphs(graphs)
+    if not selected:
+        raise ExportError("no graph to export", hint="graphs: " + ", ".join(ALL_GRAPHS))
+    for graph in selected:
+        if not ok(graph):
+            raise ExportError(
+                f"{type(model).__name__} does not advertise {graph!r}, so it has no {graph} graph",
+                hint="leave it out of graphs, or use graphs='all'",
+                graph=graph,
+            )
+    return selected
+
+
+def _export_graph(
+    model: nn.Module,
+    sig: GraphSignature,
+    contract: IOContract,
+    tmp: Path,
+    opset: int,
+    meta: dict[str, str],
+    batch: int,
+    *,
+    half: bool,
+) -> dict[str, Any]:
+    import onnx
+
+    wrapper = GraphModule(model, sig, half=half).eval()
+    args = example_inputs(sig, contract, batch)
+    path = tmp / f"{sig.graph}.onnx"
+    start = time.perf_counter()
+    try:
+        program = _torch_export(wrapper, args, sig, opset)
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise _export_failure(wrapper, args, sig, opset, exc) from exc
+    names = [v.name for v in program.model.graph.inputs]
+    if names != sig.input_names:
+        raise ExportError(
+            f"graph {sig.graph!r} has inputs {names}, expected {sig.input_names}",
+            hint="every declared input must be used by the step (unused ones are dropped)",
+            graph=sig.graph,
+        )
+    fixed = [
+        v.name
+        for v in (*program.model.graph.inputs, *program.model.graph.outputs)
+        if v.shape is not None and len(v.shape) > 0 and isinstance(v.shape[0], int)
+    ]
+    if fixed:
+        raise ExportError(
+            f"graph {sig.graph!r} was exported with a fixed batch size for {fixed}",
+            hint="the step turns the batch size into a Python int (int(), .item(), "
+            "shape comparisons with constants); keep it a tensor dimension",
+            graph=sig.graph,
+        )
+    for key, value in meta.items():
+        program.model.metadata_props[key] = value
+    program.save(path)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise ExportError(
+            f"graph {sig.graph!r} failed onnx.checker / shape inference: {exc}",
+            hint=f"inspect {path}",
+            graph=sig.graph,
+        ) from exc
+    data = sorted(p for p in tmp.iterdir() if p.name.startswith(path.name) and p != path)
+    entry: dict[str, Any] = {
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "inputs": [p.to_dict() for p in sig.inputs],
+        "outputs": [p.to_dict() for p in sig.outputs],
+        "noise": list(sig.noise),
+        "export_seconds": round(time.perf_counter() - start, 3),
+    }
+    if data:
+        entry["external_data"] = [{"file": p.name, "sha256": sha256_file(p)} for p in data]
+    return entry
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _torch_export(
+    wrapper: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    sig: GraphSignature,
+    opset: int,
+    **extra: Any,
+) -> Any:
+    batch = torch.export.Dim("batch", min=1)
+    dynamic = tuple({0: batch} for _ in args)
+    with _quiet(), torch.no_grad():
+        return torch.onnx.export(
+            wrapper,
+            args,
+            dynamo=True,
+            opset_version=opset,
+            input_names=sig.input_names,
+            output_names=sig.output_names,
+            dynamic_shapes=(dynamic,),
+            verbose=False,
+            optimize=True,
+            **extra,
+        )
+
+
+_OP = re.compile(r"op='([\w.:]+)', overload='([\w.]*)'")
+_NODE = re.compile(r"translating node %([\w.]+)")
+_TARGET = re.compile(r"target=([\w.:]+)")
+
+
+def _export_failure(
+    wrapper: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    sig: GraphSignature,
+    opset: int,
+    exc: BaseException,
+) -> ExportError:
+    """An `ExportError` for ``exc``, after re-running the export with its report enabled."""
+    report_dir = Path(tempfile.mkdtemp(prefix=f"worldflux-onnx-{sig.graph}-report-"))
+    try:
+        _torch_export(wrapper, args, sig, opset, report=True, artifacts_dir=str(report_dir))
+    except Exception:  # noqa: S110 - the report is what we came for
+        pass
+    reports = sorted(report_dir.glob("*.md"))
+    report = str(reports[-1]) if reports else None
+    text = "\n".join(str(e) for e in _chain(exc))
+    op_match = _OP.search(text)
+    operator = None
+    if op_match:
+        operator = op_match.group(1) + (f".{op_match.group(2)}" if op_match.group(2) else "")
+    node_match = _NODE.search(text)
+    node = node_match.group(1) if node_match else None
+    if operator is None:
+        target = _TARGET.search(text)
+        operator = target.group(1) if target else None
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), repr(exc))
+    where = []
+    if operator:
+        where.append(f"operator {operator}")
+    if node:
+        where.append(f"node %{node}")
+    at = (" at " + ", ".join(where)) if where else ""
+    summary = _last_cause(exc)
+    return ExportError(
+        f"exporting graph {sig.graph!r} to ONNX failed{at}: {summary or first}",
+        hint=(
+            f"the exporter's report is at {report}"
+            if report
+            else f"no report was written (looked in {report_dir})"
+        )
+        + "; replace the operator, or register an ONNX translation for it",
+        graph=sig.graph,
+        operator=operator,
+        node=node,
+        report=report,
+    )
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in seen:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return seen
+
+
+def _last_cause(exc: BaseException) -> str:
+    innermost = _chain(exc)[-1]
+    lines = [line.strip() for line in str(innermost).splitlines() if line.strip()]
+    return lines[0][:400] if lines else ""
+
+
+_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    # Family code often defines its own RMSNorm/LayerNorm; their class names say what they are.
+    return isinstance(module, _NORM_TYPES) or type(module).__name__.endswith("Norm")
+
+
+def _to_float(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(
+        a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
+    )
+
+
+def _to_half(_module: nn.Module, _args: tuple[Any, ...], out: Any) -> Any:
+    if isinstance(out, torch.Tensor) and out.is_floating_point():
+        return out.half()
+    return out
+
+
+def _half_model(model: nn.Module) -> nn.Module:
+    """A float16 copy of ``model`` whose normalisation layers compute in float32."""
+    half = copy.deepcopy(model).half()
+    for module in half.modules():
+        if _is_norm(module):
+            module.float()
+            module.register_forward_pre_hook(_to_float)
+            module.register_forward_hook(_to_half)
+    return half.eval()
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move ``tmp`` to ``out``; an existing ``out`` is swapped out first, then removed."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _versions(family: str | None) -> dict[str, str | None]:
+    versions = {
+        name: _version(name)
+        for name in ("worldflux-registry", "worldflux-onnx", "torch", "onnx", "onnxscript")
+    }
+    if family:
+        with contextlib.suppress(Exception):
+            from worldflux_registry._registry import registry
+
+            spec = registry.get(family)
+            if spec.distribution:
+                versions[spec.distribution] = spec.distribution_version
+    return versions
