@@ -220,7 +220,10 @@ def read_config(path: str | Path) -> dict[str, Any]:
     """The checked ``config.json`` of the checkpoint directory ``path`` (torch-free)."""
     root = Path(path)
     if not root.is_dir():
-        raise CheckpointError(f"checkpoint directory {root} does not exist")
+        raise CheckpointError(
+            f"checkpoint directory {root} does not exist",
+            hint="check the path, or save one with model.save_pretrained(dir)",
+        )
     file = root / CONFIG_FILE
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
@@ -240,7 +243,10 @@ def read_config(path: str | Path) -> dict[str, Any]:
         )
     version = data.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise CheckpointError(f"{file} has invalid format_version {version!r}")
+        raise CheckpointError(
+            f"{file} has invalid format_version {version!r}",
+            hint="the checkpoint is corrupt; save it again",
+        )
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{file} has format_version {version}; this worldflux-registry reads up to "
@@ -326,7 +332,10 @@ def load_checkpoint(
     weights_info = data["weights"]
     weights = root / str(weights_info.get("file", WEIGHTS_FILE))
     if not weights.is_file():
-        raise CheckpointError(f"checkpoint {root} has no weights file {weights.name!r}")
+        raise CheckpointError(
+            f"checkpoint {root} has no weights file {weights.name!r}",
+            hint="the checkpoint is incomplete; save it again",
+        )
     digest = _sha256(weights)
     if digest != weights_info.get("sha256"):
         raise CheckpointError(
@@ -345,7 +354,10 @@ def load_checkpoint(
     try:
         aliases = json.loads(metadata.get("aliases") or "{}")
     except json.JSONDecodeError:
-        raise CheckpointError(f"{weights} metadata 'aliases' is not JSON") from None
+        raise CheckpointError(
+            f"{weights} metadata 'aliases' is not JSON",
+            hint="the weights are corrupt; save the checkpoint again",
+        ) from None
     for alias, kept in aliases.items():
         if kept in tensors:
             tensors[alias] = tensors[kept]

@@ -21,7 +21,6 @@ from ._discovery import Discovery, PluginRecord, discover, resolve_target
 from ._spec import ExporterSpec, FamilySpec
 from .errors import (
     AmbiguousReferenceError,
-    CheckpointError,
     ConfigError,
     ResolutionError,
     WorldFluxRegistryError,
@@ -355,20 +354,23 @@ class Registry:
                 hint="a ref containing '/' or starting with '.' is a checkpoint or export "
                 "directory; family names never contain '/'",
             )
-        config_file, manifest_file = path / "config.json", path / "manifest.json"
-        if config_file.is_file():
-            data = _read_json(config_file, CheckpointError)
-            if data.get("format") == "worldflux.checkpoint":
-                return Resolved(
-                    kind="checkpoint",
-                    ref=ref,
-                    family=_opt_str(data.get("family")),
-                    preset=_opt_str(data.get("preset")),
-                    config=dict(data.get("config") or {}),
-                    fingerprint=_opt_str(data.get("fingerprint")),
-                    path=str(path),
-                    distribution=_opt_str(data.get("distribution")),
-                )
+        from ._checkpoint import CONFIG_FILE, FORMAT, WEIGHTS_FILE, read_config
+
+        config_file, manifest_file = path / CONFIG_FILE, path / "manifest.json"
+        is_checkpoint = (path / WEIGHTS_FILE).is_file() or _json_format(config_file) == FORMAT
+        if is_checkpoint or (config_file.is_file() and not manifest_file.is_file()):
+            # read_config raises CheckpointError naming exactly what is wrong with the directory.
+            data = read_config(path)
+            return Resolved(
+                kind="checkpoint",
+                ref=ref,
+                family=_opt_str(data.get("family")),
+                preset=_opt_str(data.get("preset")),
+                config=dict(data["config"]),
+                fingerprint=_opt_str(data.get("fingerprint")),
+                path=str(path),
+                distribution=_opt_str(data.get("distribution")),
+            )
         if manifest_file.is_file():
             data = _read_json(manifest_file, ResolutionError)
             fmt = data.get("format")
@@ -511,6 +513,14 @@ def _place(model: WorldModel, device: Any, dtype: Any) -> WorldModel:
 
 def _opt_str(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+def _json_format(path: Path) -> Any:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data.get("format") if isinstance(data, dict) else None
 
 
 def _read_json(path: Path, error: type[WorldFluxRegistryError]) -> dict[str, Any]:

@@ -1,0 +1,340 @@
+"""``worldflux-registry`` command line: list, info, resolve, plugins (and extensions).
+
+Exit codes: 0 success, 1 a worldflux error (not found, broken plugin, bad checkpoint), 2 usage.
+Tables are for people; ``--json`` prints one JSON document for scripts. Listing, info, resolve and
+plugins never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+from .errors import WorldFluxRegistryError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from ._contract import IOContract
+    from ._registry import Registry
+    from ._spec import FamilySpec
+
+__all__ = ["build_parser", "main"]
+
+#: Modules that add subcommands: each defines ``register(subparsers)``; a missing one is skipped.
+_CLI_EXTENSIONS: Final = (
+    "worldflux_registry._cli_export",
+    "worldflux_registry._cli_parity",
+    "worldflux_registry._cli_bench",
+)
+
+
+def _registry() -> Registry:
+    from ._registry import registry
+
+    return registry
+
+
+def _console(stderr: bool = False) -> Console:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def _short(fingerprint: str | None, digits: int = 12) -> str:
+    if not fingerprint:
+        return "-"
+    return fingerprint[: len("sha256:") + digits]
+
+
+# -- list ------------------------------------------------------------------------------------
+def _cmd_list(args: argparse.Namespace) -> int:
+    reg = _registry()
+    names = reg.list(args.pattern, capability=args.capability)
+    specs = [reg.get(n) for n in names]
+    if args.json:
+        _print_json([_spec_summary(s) for s in specs])
+        return 0
+    from rich.table import Table
+
+    table = Table(title="World model families", title_justify="left")
+    for column in ("family", "presets", "capabilities", "maturity", "provided by", "summary"):
+        table.add_column(column, overflow="fold")
+    for spec in specs:
+        table.add_row(
+            spec.name + (f" ({', '.join(spec.aliases)})" if spec.aliases else ""),
+            ", ".join(spec.presets),
+            ", ".join(sorted(c.value for c in spec.capabilities)),
+            spec.maturity,
+            f"{spec.distribution or '-'} {spec.distribution_version or ''}".strip(),
+            spec.summary,
+        )
+    console = _console()
+    if specs:
+        console.print(table)
+    else:
+        console.print("no families match" if args.pattern or args.capability else "no families")
+    broken = [r for r in reg.plugins() if r.status in ("broken", "conflict")]
+    if broken:
+        _console(stderr=True).print(
+            f"{len(broken)} plugin(s) failed to load; see `worldflux-registry plugins`"
+        )
+    return 0
+
+
+def _spec_summary(spec: FamilySpec) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "summary": spec.summary,
+        "aliases": list(spec.aliases),
+        "presets": list(spec.presets),
+        "default_preset": spec.default_preset,
+        "capabilities": sorted(c.value for c in spec.capabilities),
+        "maturity": spec.maturity,
+        "version": spec.version,
+        "model": spec.model,
+        "distribution": spec.distribution,
+        "distribution_version": spec.distribution_version,
+    }
+
+
+# -- info ------------------------------------------------------------------------------------
+def _param_count(spec: FamilySpec, config: dict[str, Any]) -> int | None:
+    if spec.param_count is None:
+        return None
+    try:
+        return int(spec.param_count(config))
+    except Exception:
+        return None
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    reg = _registry()
+    resolved = reg.resolve(args.ref)
+    if resolved.kind == "artifact":
+        return _info_artifact(args, resolved.to_dict())
+    spec = reg.get(resolved.family or "")
+    config = {**spec.defaults, **resolved.config}
+    contract = spec.contract_for(config)
+    presets = []
+    for name in spec.presets:
+        preset_config = spec.config(name)
+        try:
+            fingerprint: str | None = spec.contract_for(preset_config).fingerprint()
+        except WorldFluxRegistryError:
+            fingerprint = None
+        presets.append(
+            {
+                "name": name,
+                "default": name == spec.default_preset,
+                "overrides": dict(spec.presets[name]),
+                "param_count": _param_count(spec, preset_config),
+                "fingerprint": fingerprint,
+            }
+        )
+    if args.json:
+        _print_json(
+            {
+                "family": _spec_summary(spec),
+                "resolved": resolved.to_dict(),
+                "presets": presets,
+                "contract": contract.to_dict(),
+                "fingerprint": contract.fingerprint(),
+            }
+        )
+        return 0
+    from rich.table import Table
+
+    console = _console()
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column(overflow="fold")
+    for key, value in (
+        ("family", spec.name),
+        ("summary", spec.summary),
+        ("aliases", ", ".join(spec.aliases) or "-"),
+        ("version", f"{spec.version} ({spec.maturity})"),
+        ("provided by", f"{spec.distribution or '-'} {spec.distribution_version or ''}"),
+        ("model", spec.model),
+        ("capabilities", ", ".join(sorted(c.value for c in spec.capabilities)) or "-"),
+        ("ref", f"{args.ref} -> {resolved.kind} {resolved.family}:{resolved.preset}"),
+        ("fingerprint", contract.fingerprint()),
+    ):
+        head.add_row(key, str(value))
+    console.print(head)
+    table = Table(title="Presets", title_justify="left")
+    for column in ("preset", "parameters", "fingerprint", "overrides"):
+        table.add_column(column, overflow="fold")
+    for p in presets:
+        count = p["param_count"]
+        table.add_row(
+            p["name"] + (" (default)" if p["default"] else ""),
+            f"{count:,}" if count is not None else "?",
+            _short(p["fingerprint"]),
+            json.dumps(p["overrides"]) if p["overrides"] else "-",
+        )
+    console.print(table)
+    console.print(_contract_table(contract, f"Contract of {resolved.family}:{resolved.preset}"))
+    return 0
+
+
+def _info_artifact(args: argparse.Namespace, resolved: dict[str, Any]) -> int:
+    if args.json:
+        _print_json({"resolved": resolved})
+        return 0
+    console = _console()
+    for key in ("kind", "artifact_format", "family", "preset", "fingerprint", "path"):
+        console.print(f"[bold]{key}[/bold]  {resolved[key]}")
+    return 0
+
+
+def _contract_table(contract: IOContract, title: str) -> Any:
+    from rich.table import Table
+
+    from ._contract import iter_specs
+
+    table = Table(title=title, title_justify="left")
+    for column in ("group", "name", "dtype", "shape", "kind", "notes"):
+        table.add_column(column, overflow="fold")
+    for group, spec in iter_specs(contract):
+        notes = []
+        if spec.classes is not None:
+            notes.append(f"classes={spec.classes}")
+        if spec.low is not None or spec.high is not None:
+            notes.append(f"range=[{spec.low}, {spec.high}]")
+        if group == "noise":
+            noise = next(n for n in contract.noise if n.name == spec.name)
+            notes.append(f"{noise.distribution}, feeds {', '.join(noise.graphs)}")
+        shape = "(" + ", ".join(str(d) for d in spec.shape) + ")"
+        table.add_row(group, spec.name, spec.dtype, shape, spec.kind, "; ".join(notes))
+    return table
+
+
+# -- resolve ---------------------------------------------------------------------------------
+def _cmd_resolve(args: argparse.Namespace) -> int:
+    resolved = _registry().resolve(args.ref)
+    if args.json:
+        _print_json(resolved.to_dict())
+        return 0
+    from rich.table import Table
+
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column(overflow="fold")
+    for key, value in resolved.to_dict().items():
+        if value in (None, {}) or key == "ref":
+            continue
+        grid.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+    _console().print(grid)
+    return 0
+
+
+# -- plugins ---------------------------------------------------------------------------------
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    records = _registry().plugins()
+    failed = any(r.status in ("broken", "conflict") for r in records)
+    if args.json:
+        _print_json([r.to_dict() for r in records])
+        return 1 if failed else 0
+    from rich.table import Table
+
+    styles = {"ok": "green", "broken": "red", "conflict": "red", "blocked": "yellow"}
+    table = Table(title="worldflux_registry plugins", title_justify="left")
+    for column in ("distribution", "version", "entry point", "status", "provides", "error"):
+        table.add_column(column, overflow="fold")
+    for r in records:
+        style = styles.get(r.status, "")
+        table.add_row(
+            r.distribution or "-",
+            r.version or "-",
+            r.entry_point,
+            f"[{style}]{r.status}[/{style}]" if style else r.status,
+            ", ".join([*r.families, *r.exporters]) or "-",
+            r.error or "",
+        )
+    console = _console()
+    if records:
+        console.print(table)
+    else:
+        console.print("no plugins installed (entry point group 'worldflux_registry')")
+    return 1 if failed else 0
+
+
+# -- parser ----------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors raise instead of exiting, so main() returns 2."""
+
+    def error(self, message: str) -> Any:
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise _UsageError(message)
+
+
+class _UsageError(Exception):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser, core subcommands plus every installed extension's."""
+    parser = _Parser(
+        prog="worldflux-registry",
+        description="Find, inspect and load world model families published by plugins.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("list", help="list installed model families")
+    p.add_argument("pattern", nargs="?", help="fnmatch pattern over family names, e.g. 'dream*'")
+    p.add_argument("--capability", "-c", help="only families declaring this capability")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("info", help="show a family: presets, parameter counts, contract")
+    p.add_argument("ref", help="family, alias, family:preset, sha256:<prefix> or directory")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("resolve", help="show what a ref names, without loading it")
+    p.add_argument("ref", help="family, alias, family:preset, sha256:<prefix> or directory")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_resolve)
+
+    p = sub.add_parser("plugins", help="show every plugin and whether it loaded (exit 1 if not)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_plugins)
+
+    for name in _CLI_EXTENSIONS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue  # that extension is not part of this install
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code (0 ok, 1 error, 2 usage)."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except _UsageError:
+        return 2
+    except SystemExit as exc:  # --help and --version exit 0
+        return int(exc.code or 0)
+    try:
+        return int(args.func(args))
+    except WorldFluxRegistryError as exc:
+        _console(stderr=True).print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        return 130
