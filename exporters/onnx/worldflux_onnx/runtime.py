@@ -57,7 +57,8 @@ def load_artifact(
     trt_fp16: bool | None = None,
     trt_cache_dir: str | os.PathLike[str] | None = None,
     session_options: Any = None,
-    **_ignored: Any,
+    device: str | torch.device | None = None,
+    dtype: Any = None,
 ) -> OnnxWorldModel:
     """Load an ONNX export directory as an `OnnxWorldModel`, verifying it first.
 
@@ -73,6 +74,10 @@ def load_artifact(
             into fixed buffers before each replay).
         trt_fp16: TensorRT fp16 kernels (default: on when the export is fp16).
         trt_cache_dir: TensorRT engine and timing caches (default ``<export>/trt_cache``).
+        device: ``registry.load(dir, device=...)``: ``"cpu"`` means ``providers=["cpu"]``,
+            ``"cuda"`` / ``"cuda:N"`` means ``["cuda", "cpu"]`` on device N (when ``providers``
+            is left at ``"auto"``).
+        dtype: Not supported (the precision is fixed at export time); must be None.
 
     Raises:
         ExportError: a missing, tampered or future-format artifact (the message says which).
@@ -80,6 +85,20 @@ def load_artifact(
     """
     import onnxruntime as ort
 
+    if dtype is not None:
+        raise BackendError(
+            f"an ONNX export cannot be loaded with dtype={dtype!r}",
+            hint="precision is chosen at export time: export(..., precision='fp16')",
+        )
+    if device is not None and isinstance(providers, str) and providers == "auto":
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            providers = ["cuda", "cpu"]
+            device_id = dev.index if dev.index is not None else device_id
+        elif dev.type == "cpu":
+            providers = ["cpu"]
+        else:
+            raise BackendError(f"no ONNX Runtime provider for device {device!r}")
     directory = Path(path)
     manifest, contract = read_manifest(directory)
     fingerprint = manifest["fingerprint"]
@@ -187,6 +206,9 @@ class OnnxWorldModel(WorldModel):
     ) -> None:
         super().__init__()
         self.directory = directory
+        self.artifact_dir = directory
+        self.backend = "onnxruntime"
+        self.precision = str(manifest.get("precision", "fp32"))
         self.manifest = dict(manifest)
         self.family = manifest.get("family")  # type: ignore[misc]
         self.preset = manifest.get("preset")
@@ -230,6 +252,12 @@ class OnnxWorldModel(WorldModel):
     def device(self) -> torch.device:
         """Where inputs are read and outputs written."""
         return self._runner.device
+
+    def graph_path(self, graph: str) -> Path:
+        """The ``.onnx`` file that runs ``graph``."""
+        if graph not in self.manifest["graphs"]:
+            raise CapabilityError(f"this export has no {graph!r} graph", graph=graph)
+        return self.directory / self.manifest["graphs"][graph]["file"]
 
     def io_contract(self) -> IOContract:
         """The contract recorded in the export's manifest."""
