@@ -66,13 +66,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title="World model families", title_justify="left")
-    for column in ("family", "presets", "capabilities", "maturity", "provided by", "summary"):
+    for column in ("family", "presets", "maturity", "provided by", "summary"):
         table.add_column(column, overflow="fold")
     for spec in specs:
         table.add_row(
             spec.name + (f" ({', '.join(spec.aliases)})" if spec.aliases else ""),
             ", ".join(spec.presets),
-            ", ".join(sorted(c.value for c in spec.capabilities)),
             spec.maturity,
             f"{spec.distribution or '-'} {spec.distribution_version or ''}".strip(),
             spec.summary,
@@ -124,7 +123,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     spec = reg.get(resolved.family or "")
     config = {**spec.defaults, **resolved.config}
     contract = spec.contract_for(config)
-    presets = []
+    presets: list[dict[str, Any]] = []
     for name in spec.presets:
         preset_config = spec.config(name)
         try:

@@ -271,7 +271,7 @@ def discover(
 
 def _load_one(pm: pluggy.PluginManager, cand: _Candidate) -> object | None:
     try:
-        plugin = cand.load()
+        plugin: object = cand.load()
     except Exception as exc:
         cand.status, cand.error = "broken", f"import failed: {_describe(exc)}"
         return None
@@ -299,7 +299,7 @@ def _index(candidates: Sequence[_Candidate]) -> Discovery:
     exporter_claims: dict[str, list[tuple[_Candidate, ExporterSpec]]] = {}
     for cand in candidates:
         if cand.status == "broken":
-            error = PluginError(
+            broken = PluginError(
                 f"plugin {cand.entry_point!r} from {cand.distribution or 'code'} "
                 f"{cand.version or ''} is broken: {cand.error}".replace("  ", " "),
                 hint="fix or uninstall the plugin, or block it with "
@@ -307,7 +307,7 @@ def _index(candidates: Sequence[_Candidate]) -> Discovery:
                 distribution=cand.distribution,
             )
             for name in {cand.name, *cand.claimed_families, *cand.claimed_exporters}:
-                result.broken.setdefault(name, error)
+                result.broken.setdefault(name, broken)
             continue
         for spec in cand.families:
             spec = _with_distribution(spec, cand)

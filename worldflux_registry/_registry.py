@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import os
 import re
 import threading
 from collections.abc import Mapping, Sequence
@@ -82,9 +83,9 @@ class Resolved:
         }
 
 
-def is_path_ref(ref: str | Path) -> bool:
+def is_path_ref(ref: str | os.PathLike[str]) -> bool:
     """True when ``ref`` names a directory: a `Path`, or text containing ``/`` or starting ``.``."""
-    if isinstance(ref, Path):
+    if not isinstance(ref, str):
         return True
     return "/" in ref or "\\" in ref or ref.startswith(".")
 
@@ -225,7 +226,7 @@ class Registry:
         return self._index().plugin_manager
 
     # -- resolution ------------------------------------------------------------------------
-    def resolve(self, ref: str | Path) -> Resolved:
+    def resolve(self, ref: str | os.PathLike[str]) -> Resolved:
         """What ``ref`` names: a family, alias, ``family:preset``, ``sha256:<prefix>`` or dir.
 
         A fingerprint prefix needs at least 8 hex digits. When several presets share the
@@ -238,9 +239,8 @@ class Registry:
             AmbiguousReferenceError: a fingerprint prefix that matches several candidates.
             PluginError: the plugin providing the family is broken or in conflict.
         """
-        if is_path_ref(ref):
-            return self._resolve_path(Path(ref), str(ref))
-        assert isinstance(ref, str)
+        if not isinstance(ref, str) or is_path_ref(ref):
+            return self._resolve_path(Path(ref), os.fspath(ref))
         if ref.startswith(FINGERPRINT_PREFIX):
             matches = self.find(ref)
             return self._pick(ref, matches)
@@ -403,7 +403,7 @@ class Registry:
     # -- loading ---------------------------------------------------------------------------
     def load(
         self,
-        ref: str | Path,
+        ref: str | os.PathLike[str],
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
@@ -487,7 +487,7 @@ class Registry:
         model: WorldModel = loader(resolved.path, **options)
         return model
 
-    def contract(self, ref: str | Path) -> IOContract:
+    def contract(self, ref: str | os.PathLike[str]) -> IOContract:
         """The contract of the preset (or saved config) ``ref`` names, without importing torch."""
         resolved = self.resolve(ref)
         if resolved.kind == "artifact":
