@@ -147,9 +147,10 @@ class TDMPC2WorldModel(WorldModel):
     """The TD-MPC2 world model; config fields as in `worldflux_tdmpc2.spec.DEFAULTS`.
 
     ``loss(batch)`` takes ``vector`` ``[B, T, obs_dim]``, ``action`` ``[B, T, action_dim]`` and
-    ``reward`` ``[B, T]`` laid out like TD-MPC2's replay buffer: ``action[:, t]`` and
-    ``reward[:, t]`` are the action that led to ``vector[:, t]`` and the reward received with it,
-    so index 0 of both is ignored and the horizon is ``T - 1``.
+    ``reward`` ``[B, T]`` in the registry's batch layout: step ``t`` holds ``o_t``, the action
+    ``a_t`` taken after seeing it and the reward it produced. The horizon is ``T - 1`` (the last
+    action and reward have no next observation and are unused), i.e. the official
+    ``obs[0..H]``, ``action[0..H-1]``, ``reward[0..H-1]``.
     """
 
     family = spec.FAMILY
@@ -360,14 +361,14 @@ class TDMPC2WorldModel(WorldModel):
         if obs.dim() != 3 or obs.shape[1] < 2:
             raise ContractError(
                 f"tdmpc2 loss needs vector [batch, time >= 2, obs_dim], got {tuple(obs.shape)}",
-                hint="action[:, t] and reward[:, t] lead to vector[:, t]; index 0 is ignored",
+                hint="action[:, t] is taken after vector[:, t]; reward[:, t] is what it produced",
             )
         if self.training and torch.is_grad_enabled():
             self.soft_update_target()
-        # Time-major, as in the official code; drop the step-0 action and reward.
+        # Time-major, as in the official code; the last action and reward lead nowhere observed.
         obs = obs.transpose(0, 1)
-        action = action.transpose(0, 1)[1:]
-        reward = reward.transpose(0, 1)[1:]
+        action = action.transpose(0, 1)[:-1]
+        reward = reward.transpose(0, 1)[:-1]
         horizon = action.shape[0]
         bins, vmin, vmax = cfg["num_bins"], cfg["vmin"], cfg["vmax"]
         weights = cfg["rho"] ** torch.arange(horizon, device=obs.device, dtype=obs.dtype)

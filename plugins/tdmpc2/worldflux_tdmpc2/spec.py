@@ -60,9 +60,9 @@ PRESETS: Final[dict[str, dict[str, Any]]] = {
     "ci": {
         "obs_dim": 4,
         "action_dim": 2,
-        "enc_dim": 32,
-        "mlp_dim": 32,
-        "latent_dim": 16,
+        "enc_dim": 64,
+        "mlp_dim": 64,
+        "latent_dim": 64,
         "num_enc_layers": 2,
         "num_q": 2,
     },
