@@ -1,0 +1,229 @@
+"""``worldflux-registry parity``: check an export against its PyTorch model.
+
+Exit codes: 0 the check passed, 1 it ran and failed, 2 it could not run as asked (usage: a bad
+argument, a directory that is no export, a reference that cannot be loaded or has another
+contract, a tolerance key naming no output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import WorldFluxRegistryError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from ._model import WorldModel
+
+__all__ = ["register"]
+
+_MODES = ("step", "teacher_forced", "free_running")
+
+
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def _positive(text: str) -> int:
+    (value,) = _positive_ints(text) or [0]
+    return value
+
+
+def _tolerance(text: str) -> tuple[str, tuple[float, float]]:
+    key, sep, values = text.partition("=")
+    parts = values.replace(":", ",").split(",")
+    try:
+        rtol, atol = (float(v) for v in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected KEY=RTOL,ATOL (e.g. transition/state.deter=1e-4,1e-5), got {text!r}"
+        ) from None
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=RTOL,ATOL, got {text!r}")
+    return key, (rtol, atol)
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``parity`` subcommand to the CLI's subparsers."""
+    p = subparsers.add_parser(
+        "parity",
+        help="check that an export agrees with its PyTorch model (exit 1 if not)",
+        description="Run the export and its PyTorch reference on the same seeded inputs: every "
+        "graph and output, single steps, teacher-forced and free-running rollouts. Prints a "
+        "table; exit 0 when it passes, 1 when it fails, 2 when it cannot run as asked.",
+    )
+    p.add_argument("export_dir", metavar="EXPORT_DIR", help="directory written by export")
+    p.add_argument(
+        "--reference",
+        metavar="REF_OR_CHECKPOINT",
+        help="the torch model to compare with: a checkpoint directory (save_pretrained) or a "
+        "registry ref. Default: the manifest's family and config with the weights read back "
+        "from the export's initializers (then corrupted weights cannot be caught)",
+    )
+    p.add_argument("--horizon", type=_positive, default=16, help="rollout length (default 16)")
+    p.add_argument(
+        "--batch",
+        type=_positive_ints,
+        nargs="+",
+        metavar="B",
+        help="batch sizes, e.g. --batch 1 7 or --batch 1,7 (default 1 7)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
+    p.add_argument(
+        "--mode",
+        action="append",
+        choices=_MODES,
+        help="run only these modes (repeatable; default all)",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=_tolerance,
+        action="append",
+        metavar="KEY=RTOL,ATOL",
+        help="override a tolerance: KEY is graph/output, output or graph (repeatable)",
+    )
+    p.add_argument("--precision", help="precision the default tolerances follow (fp32, fp16)")
+    p.add_argument("--strict-tf32", action="store_true", help="turn torch TF32 off during it")
+    p.add_argument(
+        "--providers",
+        help="ONNX Runtime providers for the export, comma-separated (default: auto)",
+    )
+    p.add_argument("--device", help="device of the torch reference (default: cpu)")
+    p.add_argument("--json", dest="json_path", metavar="FILE", help="write the JSON report")
+    p.add_argument("--plot", metavar="FILE.png", help="write a PNG of error per rollout step")
+    p.set_defaults(func=_cmd_parity)
+
+
+def _usage(console: Console, message: str) -> int:
+    console.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    return 2
+
+
+def _cmd_parity(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    out = Console(highlight=False)
+    err = Console(stderr=True, highlight=False)
+    export_dir = Path(args.export_dir)
+    manifest_path = export_dir / "manifest.json"
+    if not manifest_path.is_file():
+        return _usage(err, f"{export_dir} is not an export directory (no manifest.json)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return _usage(err, f"{manifest_path} is not readable JSON: {exc}")
+    try:
+        from . import parity
+        from ._registry import registry
+
+        options: dict[str, Any] = {}
+        if args.providers:
+            options["providers"] = [p.strip() for p in args.providers.split(",") if p.strip()]
+        candidate = registry.load(str(export_dir.resolve()), **options)
+        reference, note = _reference(args, export_dir, manifest)
+        batches = [b for group in (args.batch or [[1, 7]]) for b in group]
+        report = parity.check(
+            reference,
+            candidate,
+            batch_sizes=batches,
+            horizon=args.horizon,
+            seed=args.seed,
+            tolerances=dict(args.tolerance) if args.tolerance else None,
+            modes=tuple(args.mode) if args.mode else _MODES,
+            precision=args.precision,
+            strict_tf32=args.strict_tf32,
+        )
+    except WorldFluxRegistryError as exc:
+        return _usage(err, str(exc))
+    if note:
+        report.notes.insert(0, note)
+        err.print(f"[yellow]note:[/yellow] {note}", markup=True)
+    out.width = max(out.width, 112)
+    report.print(out)
+    try:
+        if args.json_path:
+            report.to_json(args.json_path)
+        if args.plot:
+            report.plot(args.plot)
+    except (ImportError, OSError) as exc:
+        return _usage(err, str(exc))
+    return 0 if report.passed else 1
+
+
+def _reference(
+    args: argparse.Namespace, export_dir: Path, manifest: dict[str, Any]
+) -> tuple[WorldModel, str | None]:
+    from ._registry import registry
+
+    device = args.device or "cpu"
+    if args.reference:
+        ref = args.reference
+        if Path(ref).is_dir() and "/" not in ref and not ref.startswith("."):
+            ref = "./" + ref  # a bare directory name would read as a family name
+        return registry.load(ref, device=device), None
+    from .errors import ConfigError
+
+    family = manifest.get("family")
+    if not family:
+        raise ConfigError(f"{export_dir} records no family", hint="pass --reference")
+    spec = registry.get(family)
+    config = manifest.get("config") or spec.config(manifest.get("preset"))
+    model = registry.build(spec, config, preset=manifest.get("preset"), device="cpu")
+    missing = _weights_from_export(model, export_dir)
+    if missing:
+        raise ConfigError(
+            f"cannot rebuild the torch model of {export_dir}: {len(missing)} parameters are "
+            f"not among the export's initializers (e.g. {missing[0]!r})",
+            hint="pass --reference CHECKPOINT_DIR (the model the export was made from)",
+        )
+    return model.to(device), (
+        "no --reference: the torch model was rebuilt with weights read from the export itself, "
+        "so this checks the graphs' computation but cannot catch corrupted weights"
+    )
+
+
+def _weights_from_export(model: WorldModel, export_dir: Path) -> list[str]:
+    """Load ``model``'s tensors from same-named, same-shaped ONNX initializers.
+
+    Returns the names not found (then nothing is loaded).
+    """
+    import torch
+
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        return ["(onnx is not installed)"]
+    found: dict[str, Any] = {}
+    for file in sorted(export_dir.glob("*.onnx")):
+        for init in onnx.load(str(file)).graph.initializer:
+            found.setdefault(init.name, init)
+    values: dict[str, torch.Tensor] = {}
+    missing = []
+    for key, tensor in model.state_dict().items():
+        hit = found.get(key) or next((v for k, v in found.items() if k.endswith("." + key)), None)
+        array = None if hit is None else numpy_helper.to_array(hit)
+        if array is None or tuple(array.shape) != tuple(tensor.shape):
+            missing.append(key)
+            continue
+        values[key] = torch.from_numpy(array.copy()).to(tensor.dtype)
+    if not missing:
+        model.load_state_dict(values)
+    return missing
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from ._cli import main
+
+    sys.exit(main(["parity", *sys.argv[1:]]))

@@ -1,0 +1,763 @@
+"""`check`: run two WorldModels on the same seeded inputs and compare every output."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .._contract import Capability, IOContract, TensorSpec
+from .._inputs import encode_input, make_actions, make_noise, make_observations
+from .._payloads import ConditionPayload, ModelOutput
+from .._state import State
+from ..errors import ParityError
+from ._localize import localize
+from ._metrics import Metrics, compare_arrays
+from ._report import MODES, OutputCheck, ParityReport, RolloutCurve
+from ._tolerance import (
+    Tolerance,
+    TolerancesLike,
+    loosest,
+    normalize_precision,
+    pick_tolerance,
+    resolve_tolerances,
+)
+
+__all__ = ["check"]
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass
+class _Output:
+    graph: str
+    name: str
+    spec: TensorSpec
+    tolerance: Tolerance
+    source: str
+
+    @property
+    def categorical(self) -> bool:
+        return self.spec.kind == "categorical"
+
+
+@dataclass
+class _Site:
+    """What was fed to a graph and what came out, kept for localising a failure."""
+
+    feeds: Arrays
+    reference: Arrays
+    candidate: Arrays
+
+
+@dataclass
+class _Run:
+    contract: IOContract
+    outputs: dict[tuple[str, str], _Output]
+    reference: Any
+    candidate: Any
+    ref_device: torch.device
+    cand_device: torch.device
+    steps: list[OutputCheck] = field(default_factory=list)
+    rollouts: list[RolloutCurve] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    sites: dict[tuple[str, str, int, int | None], _Site] = field(default_factory=dict)
+
+    def graph_outputs(self, graph: str) -> list[_Output]:
+        return [o for (g, _), o in self.outputs.items() if g == graph]
+
+
+def check(
+    reference: Any,
+    candidate: Any,
+    *,
+    batch_sizes: Sequence[int] = (1, 7),
+    horizon: int = 16,
+    seed: int = 0,
+    tolerances: TolerancesLike | None = None,
+    modes: Collection[str] = MODES,
+    contract: IOContract | None = None,
+    precision: str | None = None,
+    strict_tf32: bool = False,
+    enforce: Collection[str] | None = None,
+    localize_failures: bool = True,
+) -> ParityReport:
+    """Compare two implementations of the WorldModel protocol on seeded contract inputs.
+
+    Both sides get identical observations, actions and sampling noise (``wf.noise.<name>``
+    condition extras), so stochastic steps are compared too. ``transition``, ``update`` and
+    ``decode`` are fed the reference's state on both sides, so each graph is judged alone.
+
+    Args:
+        reference: The model taken as truth (usually the PyTorch model).
+        candidate: The model under test (an ONNX Runtime model, another device, fp16...).
+        batch_sizes: Batch sizes to run every comparison at.
+        horizon: Rollout length of the ``teacher_forced`` and ``free_running`` modes.
+        seed: Seed of every generated input; the same seed gives the same inputs.
+        tolerances: Per-output overrides: ``{"transition/state.deter": Tolerance(...)}``
+            (one output of one graph), ``{"state.deter": ...}`` (that output everywhere) or
+            ``{"decode": ...}`` (every output of a graph); values may be ``(rtol, atol)``.
+        modes: Any of ``"step"``, ``"teacher_forced"``, ``"free_running"``.
+        contract: The contract to check against; default the reference's. Both sides'
+            fingerprints must equal it.
+        precision: Compute precision the default tolerances follow (``"fp32"``, ``"fp16"``,
+            ``"bf16"``). Default: the loosest of the two sides' ``precision`` attributes or
+            parameter dtypes, so an fp16 ONNX export with fp32 inputs and outputs is judged
+            with fp16 tolerances.
+        strict_tf32: Turn torch's TF32 matmul and cuDNN switches off during the check
+            (restored after); the report records the settings either way.
+        enforce: Modes whose failures fail the report (default: every mode run). Free-running
+            errors of chaotic models can grow from rounding alone; enforce
+            ``("step", "teacher_forced")`` to report them without failing.
+        localize_failures: Find where a failing check goes wrong first, and for ONNX
+            candidates run the ONNX reference evaluator to tell exporter from runtime.
+
+    Returns:
+        A `ParityReport`; a failing comparison never raises.
+
+    Raises:
+        ParityError: The check cannot run: contracts differ, an unknown mode or tolerance
+            key, a bad batch size or horizon, or the reference itself raised.
+    """
+    started = time.perf_counter()
+    modes = _check_modes(modes, "modes")
+    enforced = modes if enforce is None else _check_modes(enforce, "enforce")
+    batch_sizes = _check_sizes(batch_sizes, horizon, modes)
+    contract = _common_contract(reference, candidate, contract)
+    graphs = _graphs(reference, candidate)
+    compute = _precision(reference, candidate, precision)
+    outputs_by_graph = {
+        g: [f"state.{s.name}" for s in contract.state]
+        if g != "decode"
+        else [f"pred.{s.name}" for s in contract.predictions]
+        for g in graphs
+    }
+    overrides = resolve_tolerances(tolerances, graphs, outputs_by_graph)
+    outputs: dict[tuple[str, str], _Output] = {}
+    for graph in graphs:
+        specs = contract.predictions if graph == "decode" else contract.state
+        prefix = "pred." if graph == "decode" else "state."
+        for spec in specs:
+            name = prefix + spec.name
+            tol, source = pick_tolerance(overrides, graph, name, spec.dtype, compute)
+            outputs[(graph, name)] = _Output(graph, name, spec, tol, source)
+
+    run = _Run(
+        contract,
+        outputs,
+        reference,
+        candidate,
+        _device_of(reference),
+        _device_of(candidate),
+    )
+    with _tf32(strict_tf32), _eval_mode(reference, candidate), torch.no_grad():
+        ref_info = _side_info(reference)
+        cand_info = _side_info(candidate)
+        for batch in batch_sizes:
+            if "step" in modes:
+                _step_mode(run, graphs, batch, seed)
+            if "teacher_forced" in modes or "free_running" in modes:
+                _rollout_modes(run, modes, batch, seed, horizon)
+
+    passed = not any(not c.passed for c in run.steps if "step" in enforced) and not any(
+        not c.passed for c in run.rollouts if c.mode in enforced
+    )
+    report = ParityReport(
+        passed=passed,
+        fingerprint=contract.fingerprint(),
+        reference=ref_info,
+        candidate=cand_info,
+        settings={
+            "batch_sizes": list(batch_sizes),
+            "horizon": horizon,
+            "seed": seed,
+            "modes": [m for m in MODES if m in modes],
+            "enforce": [m for m in MODES if m in enforced],
+            "precision": compute,
+            "strict_tf32": strict_tf32,
+            "graphs": list(graphs),
+        },
+        tolerances=overrides,
+        steps=run.steps,
+        rollouts=run.rollouts,
+        errors=run.errors,
+        notes=run.notes,
+        versions=_versions(),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    if localize_failures and not report.passed:
+        report.localization = localize(report, candidate, run.sites)
+    report.elapsed_s = time.perf_counter() - started
+    return report
+
+
+# -- validation of the arguments --------------------------------------------------------------
+def _check_modes(modes: Collection[str], what: str) -> tuple[str, ...]:
+    if isinstance(modes, str):
+        modes = (modes,)
+    from ..errors import did_you_mean
+
+    for mode in modes:
+        if mode not in MODES:
+            raise ParityError(
+                f"unknown {what} entry {mode!r}.{did_you_mean(str(mode), MODES)}",
+                hint="modes: " + ", ".join(MODES),
+            )
+    if not modes and what == "modes":
+        raise ParityError("no modes to check", hint="modes: " + ", ".join(MODES))
+    return tuple(m for m in MODES if m in modes)
+
+
+def _check_sizes(batch_sizes: Sequence[int], horizon: int, modes: Collection[str]) -> list[int]:
+    if isinstance(batch_sizes, int):
+        batch_sizes = [batch_sizes]
+    sizes = list(batch_sizes)
+    if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
+        raise ParityError(f"batch_sizes {batch_sizes!r} must be positive integers")
+    rollouts = {"teacher_forced", "free_running"} & set(modes)
+    if rollouts and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1):
+        raise ParityError(f"horizon {horizon!r} must be a positive integer")
+    return list(dict.fromkeys(sizes))
+
+
+def _common_contract(reference: Any, candidate: Any, contract: IOContract | None) -> IOContract:
+    ref_contract = reference.io_contract()
+    cand_contract = candidate.io_contract()
+    wanted = contract if contract is not None else ref_contract
+    for side, theirs in (("reference", ref_contract), ("candidate", cand_contract)):
+        if theirs.fingerprint() != wanted.fingerprint():
+            raise ParityError(
+                f"the {side}'s contract {theirs.fingerprint()[:19]} differs from "
+                f"{wanted.fingerprint()[:19]}: the two models do not compute the same thing",
+                hint="compare a model with its own export (same family, preset and config)",
+            )
+    return wanted
+
+
+def _supports(model: Any, capability: Capability) -> bool:
+    supports = getattr(model, "supports", None)
+    return bool(supports(capability)) if callable(supports) else True
+
+
+def _graphs(reference: Any, candidate: Any) -> tuple[str, ...]:
+    graphs = ["encode", "transition"]
+    if _supports(reference, Capability.UPDATE) and _supports(candidate, Capability.UPDATE):
+        graphs.append("update")
+    graphs.append("decode")
+    return tuple(graphs)
+
+
+# -- the sides ------------------------------------------------------------------------------
+def _device_of(model: Any) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, (str, torch.device)):
+        return torch.device(device)
+    if isinstance(model, torch.nn.Module):
+        for param in model.parameters():
+            return param.device
+        for buffer in model.buffers():
+            return buffer.device
+    return torch.device("cpu")
+
+
+def _precision_of(model: Any) -> str | None:
+    declared = normalize_precision(getattr(model, "precision", None))
+    if declared is not None:
+        return declared
+    if isinstance(model, torch.nn.Module):
+        for tensor in model.parameters():
+            if tensor.is_floating_point():
+                return normalize_precision(tensor.dtype)
+    return None
+
+
+def _precision(reference: Any, candidate: Any, precision: str | None) -> str | None:
+    if precision is not None:
+        chosen = normalize_precision(precision)
+        if chosen is None:
+            raise ParityError(
+                f"unknown precision {precision!r}", hint="use 'fp32', 'fp16', 'bf16' or 'fp64'"
+            )
+        return chosen
+    return loosest(_precision_of(reference), _precision_of(candidate))
+
+
+def _backend_of(model: Any) -> str:
+    backend = getattr(model, "backend", None)
+    if isinstance(backend, str):
+        return backend
+    if callable(getattr(model, "graph_path", None)) or getattr(model, "artifact_dir", None):
+        return "onnxruntime"
+    return "torch"
+
+
+def _torch_tf32() -> dict[str, bool]:
+    return {
+        "matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+        "cudnn": bool(torch.backends.cudnn.allow_tf32),
+    }
+
+
+def _side_info(model: Any) -> dict[str, Any]:
+    cls = type(model)
+    info: dict[str, Any] = {
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "backend": _backend_of(model),
+        "device": str(_device_of(model)),
+        "precision": _precision_of(model),
+    }
+    for attr in ("family", "preset"):
+        value = getattr(model, attr, None)
+        if isinstance(value, str):
+            info[attr] = value
+    extra = getattr(model, "parity_info", None)
+    if callable(extra):
+        info.update(dict(extra()))
+    if "tf32" not in info:
+        if info["backend"] == "torch":
+            info["tf32"] = _torch_tf32()
+        else:
+            tf32 = getattr(model, "tf32", None)
+            info["tf32"] = tf32 if isinstance(tf32, (bool, dict)) else _ort_tf32(model)
+    providers = getattr(model, "providers", None)
+    if "providers" not in info and isinstance(providers, (list, tuple)):
+        info["providers"] = [str(p) for p in providers]
+    return info
+
+
+def _ort_tf32(model: Any) -> bool | None:
+    """TF32 use of an ONNX Runtime model, from its sessions' provider options."""
+    sessions = getattr(model, "sessions", None)
+    if not isinstance(sessions, Mapping) or not sessions:
+        return None
+    try:
+        options = next(iter(sessions.values())).get_provider_options()
+    except Exception:
+        return None
+    cuda = options.get("CUDAExecutionProvider")
+    if cuda is None:
+        return False if "TensorrtExecutionProvider" not in options else None
+    value = cuda.get("use_tf32")
+    return None if value is None else value not in ("0", "false", "False")
+
+
+@contextlib.contextmanager
+def _tf32(strict: bool) -> Iterator[None]:
+    if not strict:
+        yield
+        return
+    saved = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.get_float32_matmul_precision(),
+    )
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved[0]
+        torch.backends.cudnn.allow_tf32 = saved[1]
+        torch.set_float32_matmul_precision(saved[2])
+
+
+@contextlib.contextmanager
+def _eval_mode(*models: Any) -> Iterator[None]:
+    # Dropout and batch statistics would make two runs of one model disagree.
+    modules = [m for m in models if isinstance(m, torch.nn.Module)]
+    saved = [[(sub, sub.training) for sub in m.modules()] for m in modules]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for pairs in saved:
+            for sub, training in pairs:
+                sub.train(training)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("worldflux-registry", "torch", "onnx", "onnxruntime", "onnxruntime-gpu"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+# -- moving data -------------------------------------------------------------------------------
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, State):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    if isinstance(value, ConditionPayload):
+        return ConditionPayload(_to(value.extras, device))
+    return value
+
+
+def _numpy(value: Any) -> np.ndarray:
+    if isinstance(value, Tensor):
+        value = value.detach()
+        if value.dtype == torch.bfloat16:
+            value = value.float()
+        array: np.ndarray = value.cpu().numpy()
+        return array
+    return np.asarray(value)
+
+
+def _conditions(noise: Mapping[str, Tensor]) -> ConditionPayload | None:
+    return ConditionPayload({f"wf.noise.{k}": v for k, v in noise.items()}) if noise else None
+
+
+def _state_arrays(state: Any) -> Arrays:
+    tensors = state.tensors if isinstance(state, State) else state
+    return {f"state.{k}": _numpy(v) for k, v in tensors.items()}
+
+
+def _pred_arrays(output: Any) -> Arrays:
+    predictions = output.predictions if isinstance(output, ModelOutput) else output
+    return {f"pred.{k}": _numpy(v) for k, v in predictions.items()}
+
+
+def _feeds(
+    state: State | None = None,
+    action: Tensor | None = None,
+    obs: Mapping[str, Tensor] | None = None,
+    noise: Mapping[str, Tensor] | None = None,
+) -> Arrays:
+    feeds: Arrays = {}
+    if obs is not None:
+        feeds.update({f"obs.{k}": _numpy(v) for k, v in obs.items()})
+    if state is not None:
+        feeds.update(_state_arrays(state))
+    if action is not None:
+        feeds["action"] = _numpy(action)
+    if noise is not None:
+        feeds.update({f"noise.{k}": _numpy(v) for k, v in noise.items()})
+    return feeds
+
+
+# -- comparing ---------------------------------------------------------------------------------
+def _compare_graph(
+    run: _Run, graph: str, ref_out: Arrays, cand_out: Arrays | str
+) -> dict[str, Metrics]:
+    """Metrics of every output of ``graph``; ``cand_out`` is an error message if it raised."""
+    results: dict[str, Metrics] = {}
+    for out in run.graph_outputs(graph):
+        if isinstance(cand_out, str):
+            results[out.name] = Metrics.failure(cand_out)
+            continue
+        if out.name not in ref_out:
+            raise ParityError(
+                f"the reference's {graph} returned no {out.name!r}",
+                hint="the reference breaks its own contract: run the conformance tests",
+                graph=graph,
+                output=out.name,
+            )
+        if out.name not in cand_out:
+            results[out.name] = Metrics.failure(f"the candidate's {graph} returned no {out.name}")
+            continue
+        metrics = compare_arrays(
+            ref_out[out.name], cand_out[out.name], out.tolerance, categorical=out.categorical
+        )
+        if metrics.note is None and cand_out[out.name].dtype != ref_out[out.name].dtype:
+            note = (
+                f"{graph}/{out.name}: candidate dtype {cand_out[out.name].dtype} "
+                f"differs from the reference's {ref_out[out.name].dtype}"
+            )
+            if note not in run.notes:
+                run.notes.append(note)
+        results[out.name] = metrics
+    return results
+
+
+def _call_reference(graph: str, fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except ParityError:
+        raise
+    except Exception as exc:
+        raise ParityError(
+            f"the reference raised in {graph}: {type(exc).__name__}: {exc}",
+            hint="the check needs a working reference model",
+            graph=graph,
+        ) from exc
+
+
+def _call_candidate(run: _Run, where: str, fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except Exception as exc:
+        message = f"the candidate raised in {where}: {type(exc).__name__}: {exc}"
+        if message not in run.errors:
+            run.errors.append(message)
+        return message
+
+
+def _generator(seed: int, batch: int, stream: int) -> torch.Generator:
+    # Distinct, reproducible streams per batch size and purpose; independent of the modes run.
+    return torch.Generator().manual_seed((seed * 1_000_003 + batch) * 4 + stream)
+
+
+def _step_mode(run: _Run, graphs: Sequence[str], batch: int, seed: int) -> None:
+    contract, ref, cand = run.contract, run.reference, run.candidate
+    rd, cd = run.ref_device, run.cand_device
+    gen = _generator(seed, batch, 0)
+    obs = make_observations(contract, (batch,), gen)
+    enc_noise = make_noise(contract, "encode", (batch,), gen)
+    action = make_actions(contract, (batch,), gen)
+    tr_noise = make_noise(contract, "transition", (batch,), gen)
+    obs2 = make_observations(contract, (batch,), gen)
+    up_noise = make_noise(contract, "update", (batch,), gen)
+    dec_noise = make_noise(contract, "decode", (batch,), gen)
+
+    def record(graph: str, feeds: Arrays, ref_out: Arrays, cand: Arrays | str) -> None:
+        results = _compare_graph(run, graph, ref_out, cand)
+        for name, metrics in results.items():
+            out = run.outputs[(graph, name)]
+            run.steps.append(
+                OutputCheck(
+                    graph,
+                    name,
+                    batch,
+                    out.spec.dtype,
+                    out.categorical,
+                    out.tolerance,
+                    out.source,
+                    metrics,
+                )
+            )
+        if not all(m.passed for m in results.values()):
+            cand_arrays = cand if isinstance(cand, dict) else {}
+            run.sites[("step", graph, batch, None)] = _Site(feeds, ref_out, cand_arrays)
+
+    enc_in = encode_input(obs, enc_noise)
+    s0 = _call_reference("encode", lambda: ref.encode(_to(enc_in, rd)))
+    c0 = _call_candidate(run, "encode", lambda: cand.encode(_to(enc_in, cd)))
+    record(
+        "encode",
+        _feeds(obs=obs, noise=enc_noise),
+        _state_arrays(s0),
+        c0 if isinstance(c0, str) else _state_arrays(c0),
+    )
+
+    s0_cpu = s0.to("cpu")
+    cond = _conditions(tr_noise)
+    s1 = _call_reference("transition", lambda: ref.transition(s0, _to(action, rd), _to(cond, rd)))
+    c1 = _call_candidate(
+        run,
+        "transition",
+        lambda: cand.transition(_to(s0_cpu, cd), _to(action, cd), _to(cond, cd)),
+    )
+    record(
+        "transition",
+        _feeds(state=s0_cpu, action=action, noise=tr_noise),
+        _state_arrays(s1),
+        c1 if isinstance(c1, str) else _state_arrays(c1),
+    )
+
+    if "update" in graphs:
+        cond = _conditions(up_noise)
+        u1 = _call_reference(
+            "update", lambda: ref.update(s0, _to(action, rd), _to(obs2, rd), _to(cond, rd))
+        )
+        cu = _call_candidate(
+            run,
+            "update",
+            lambda: cand.update(_to(s0_cpu, cd), _to(action, cd), _to(obs2, cd), _to(cond, cd)),
+        )
+        record(
+            "update",
+            _feeds(state=s0_cpu, action=action, obs=obs2, noise=up_noise),
+            _state_arrays(u1),
+            cu if isinstance(cu, str) else _state_arrays(cu),
+        )
+
+    s1_cpu = s1.to("cpu")
+    cond = _conditions(dec_noise)
+    p = _call_reference("decode", lambda: ref.decode(s1, _to(cond, rd)))
+    cp = _call_candidate(run, "decode", lambda: cand.decode(_to(s1_cpu, cd), _to(cond, cd)))
+    record(
+        "decode",
+        _feeds(state=s1_cpu, noise=dec_noise),
+        _pred_arrays(p),
+        cp if isinstance(cp, str) else _pred_arrays(cp),
+    )
+
+
+def _rollout_modes(run: _Run, modes: Collection[str], batch: int, seed: int, horizon: int) -> None:
+    contract, ref, cand = run.contract, run.reference, run.candidate
+    rd, cd = run.ref_device, run.cand_device
+    gen = _generator(seed, batch, 1)
+    obs = make_observations(contract, (batch,), gen)
+    enc_noise = make_noise(contract, "encode", (batch,), gen)
+    actions = make_actions(contract, (horizon, batch), gen)
+    # One noise draw per step shared by transition and decode, as `WorldModel.rollout` passes it.
+    noise = make_noise(contract, "transition", (horizon, batch), gen)
+    for name, value in make_noise(contract, "decode", (horizon, batch), gen).items():
+        noise.setdefault(name, value)
+    s0 = _call_reference("encode", lambda: ref.encode(_to(encode_input(obs, enc_noise), rd)))
+    s0_cpu = s0.to("cpu")
+    tr_names = {n.name for n in contract.noise_for("transition")}
+    dec_names = {n.name for n in contract.noise_for("decode")}
+
+    def step_noise(t: int, names: set[str]) -> dict[str, Tensor]:
+        return {k: v[t] for k, v in noise.items() if k in names}
+
+    def action_at(t: int) -> Tensor | None:
+        return None if actions is None else actions[t]
+
+    if "teacher_forced" in modes:
+        curves = _new_curves(run, "teacher_forced", batch)
+        state, state_cpu = s0, s0_cpu
+        for t in range(horizon):
+            cond = _conditions({k: v[t] for k, v in noise.items()})
+            a = action_at(t)
+            nxt = _call_reference("transition", ref.transition, state, _to(a, rd), _to(cond, rd))
+            got = _call_candidate(
+                run,
+                f"transition (teacher-forced step {t + 1})",
+                cand.transition,
+                _to(state_cpu, cd),
+                _to(a, cd),
+                _to(cond, cd),
+            )
+            ref_states = _state_arrays(nxt)
+            cand_states = got if isinstance(got, str) else _state_arrays(got)
+            _append(run, curves, "transition", ref_states, cand_states)
+            if _newly_failing(curves, "transition", t):
+                run.sites.setdefault(
+                    ("teacher_forced", "transition", batch, t + 1),
+                    _Site(
+                        _feeds(state=state_cpu, action=a, noise=step_noise(t, tr_names)),
+                        ref_states,
+                        cand_states if isinstance(cand_states, dict) else {},
+                    ),
+                )
+            nxt_cpu = nxt.to("cpu")
+            pred = _call_reference("decode", ref.decode, nxt, _to(cond, rd))
+            got_pred = _call_candidate(
+                run,
+                f"decode (teacher-forced step {t + 1})",
+                cand.decode,
+                _to(nxt_cpu, cd),
+                _to(cond, cd),
+            )
+            ref_preds = _pred_arrays(pred)
+            cand_preds = got_pred if isinstance(got_pred, str) else _pred_arrays(got_pred)
+            _append(run, curves, "decode", ref_preds, cand_preds)
+            if _newly_failing(curves, "decode", t):
+                run.sites.setdefault(
+                    ("teacher_forced", "decode", batch, t + 1),
+                    _Site(
+                        _feeds(state=nxt_cpu, noise=step_noise(t, dec_names)),
+                        ref_preds,
+                        cand_preds if isinstance(cand_preds, dict) else {},
+                    ),
+                )
+            state, state_cpu = nxt, nxt_cpu
+        run.rollouts.extend(curves.values())
+
+    if "free_running" in modes:
+        curves = _new_curves(run, "free_running", batch)
+        ref_traj = _call_reference(
+            "rollout", lambda: _rollout(ref, s0, actions, noise, horizon, rd)
+        )
+        cand_traj = _call_candidate(
+            run, "rollout", lambda: _rollout(cand, s0_cpu, actions, noise, horizon, cd)
+        )
+        if isinstance(cand_traj, str):
+            for curve in curves.values():
+                curve.error = cand_traj
+        for t in range(horizon):
+            ref_states, ref_preds = _state_arrays(ref_traj[0][t]), ref_traj[1][t]
+            if isinstance(cand_traj, str):
+                _append(run, curves, "transition", ref_states, cand_traj)
+                _append(run, curves, "decode", ref_preds, cand_traj)
+            else:
+                _append(run, curves, "transition", ref_states, _state_arrays(cand_traj[0][t]))
+                _append(run, curves, "decode", ref_preds, cand_traj[1][t])
+        run.rollouts.extend(curves.values())
+
+
+def _rollout(
+    model: Any,
+    state: State,
+    actions: Tensor | None,
+    noise: Mapping[str, Tensor],
+    horizon: int,
+    device: torch.device,
+) -> tuple[list[State], list[Arrays]]:
+    """States after each step and predictions of each step, through ``model.rollout``."""
+    if actions is None:
+        raise ParityError("free-running rollouts need an action in the contract")
+    cond = _conditions(noise)
+    traj = model.rollout(
+        _to(state, device), _to(actions, device), _to(cond, device), deterministic=False
+    )
+    states = list(traj.states[1:])
+    if len(states) != horizon:
+        raise ParityError(f"rollout returned {len(states)} states for {horizon} actions")
+    preds: list[Arrays] = []
+    if traj.predictions:
+        stacked = {k: _numpy(v) for k, v in traj.predictions.items()}
+        preds = [{f"pred.{k}": v[t] for k, v in stacked.items()} for t in range(horizon)]
+    else:
+        contract = model.io_contract()
+        from .._model import step_slice
+
+        preds = [
+            _pred_arrays(model.decode(states[t], step_slice(contract, _to(cond, device), t)))
+            for t in range(horizon)
+        ]
+    return states, preds
+
+
+def _new_curves(run: _Run, mode: str, batch: int) -> dict[tuple[str, str], RolloutCurve]:
+    curves = {}
+    for (graph, name), out in run.outputs.items():
+        if graph in ("transition", "decode"):
+            curves[(graph, name)] = RolloutCurve(
+                mode,
+                graph,
+                name,
+                batch,
+                out.spec.dtype,
+                out.categorical,
+                out.tolerance,
+                out.source,
+                [],
+            )
+    return curves
+
+
+def _append(
+    run: _Run,
+    curves: dict[tuple[str, str], RolloutCurve],
+    graph: str,
+    ref_out: Arrays,
+    cand_out: Arrays | str,
+) -> None:
+    for name, metrics in _compare_graph(run, graph, ref_out, cand_out).items():
+        curves[(graph, name)].steps.append(metrics)
+
+
+def _newly_failing(curves: dict[tuple[str, str], RolloutCurve], graph: str, t: int) -> bool:
+    """True when some output of ``graph`` fails at step ``t`` and none of them failed before."""
+    mine = [c for (g, _), c in curves.items() if g == graph]
+    failing_now = any(not c.steps[t].passed for c in mine)
+    return failing_now and all(m.passed for c in mine for m in c.steps[:t])
