@@ -24,7 +24,7 @@ DEFAULT_GRAPHS = ("encode", "transition", "decode")
 
 def export(
     model_or_ref: WorldModel | str | os.PathLike[str],
-    format: str,  # noqa: A002 - the public name in the seed API
+    format: str,
     out_dir: str | os.PathLike[str],
     *,
     opset: int | None = None,
@@ -75,36 +75,56 @@ def export(
     )
     out = Path(exporter(model, out_dir, opset=opset, graphs=graphs, precision=precision, **options))
     if check:
-        if spec.loader is None:
-            raise ExportError(
-                f"exporter {spec.name!r} cannot load its artifacts, so check=True cannot run",
-                hint="pass check=False",
-            )
-        loader = resolve_target(
-            spec.loader, what=f"exporter {spec.name!r} loader", distribution=spec.distribution
+        report = check_export(
+            model, out, format, registry=registry, **({} if check is True else dict(check))
         )
-        candidate = loader(out)
-        report = _parity(model, candidate, {} if check is True else dict(check))
-        if report is not None:
-            summary = report.summary()
-            _store_parity(out, summary)
-            if not report.passed:
-                warnings.warn(
-                    f"parity check of the {spec.name} export in {out} failed: "
-                    f"{summary.get('failures')}",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+        if report is not None and not report.passed:
+            warnings.warn(
+                f"parity check of the {spec.name} export in {out} failed: "
+                f"{report.summary().get('failures')}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     return out
 
 
-def _parity(model: Any, candidate: Any, options: dict[str, Any]) -> ParityReport | None:
+def check_export(
+    model: Any,
+    out: str | os.PathLike[str],
+    format: str,
+    *,
+    registry: Registry | None = None,
+    **options: Any,
+) -> ParityReport | None:
+    """Load the artifact in ``out`` with its exporter's loader, run `parity.check` against
+    ``model`` (``options`` go to it) and store the summary in the manifest's ``parity`` entry.
+
+    Returns None (with a warning) only when the parity package cannot be imported.
+    """
+    from ._discovery import resolve_target
+
+    if registry is None:
+        from ._registry import registry as default_registry
+
+        registry = default_registry
+    spec = registry.get_exporter(format)
+    if spec.loader is None:
+        raise ExportError(
+            f"exporter {spec.name!r} cannot load its artifacts, so the parity check cannot run",
+            hint="pass check=False",
+        )
     try:
         from . import parity
     except ImportError:  # pragma: no cover - parity ships with the core; guard a broken install
         warnings.warn("worldflux_registry.parity is unavailable: export not checked", stacklevel=3)
         return None
-    return parity.check(model, candidate, **options)
+    loader = resolve_target(
+        spec.loader, what=f"exporter {spec.name!r} loader", distribution=spec.distribution
+    )
+    candidate = loader(Path(out))
+    report = parity.check(model, candidate, **options)
+    _store_parity(Path(out), report.summary())
+    return report
 
 
 def _store_parity(out: Path, summary: Mapping[str, Any]) -> None:

@@ -148,8 +148,9 @@ class GraphModule(nn.Module):
             return dict(model.transition(state, action, conditions, False).tensors)
         if graph == "update":
             return dict(
-                model.update(state, action, WorldModelInput(group["obs"], None), conditions, False)
-                .tensors
+                model.update(
+                    state, action, WorldModelInput(group["obs"], None), conditions, False
+                ).tensors
             )
         return dict(model.decode(state, conditions).predictions)
 

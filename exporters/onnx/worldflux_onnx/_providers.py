@@ -20,7 +20,11 @@ ORT_NAMES = {
 #: Shared libraries the TensorRT provider loads, each with the sonames tried in order.
 TENSORRT_LIBRARIES = {
     "libnvinfer": ("libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so"),
-    "libnvinfer_plugin": ("libnvinfer_plugin.so.10", "libnvinfer_plugin.so.8", "libnvinfer_plugin.so"),
+    "libnvinfer_plugin": (
+        "libnvinfer_plugin.so.10",
+        "libnvinfer_plugin.so.8",
+        "libnvinfer_plugin.so",
+    ),
     "libnvonnxparser": ("libnvonnxparser.so.10", "libnvonnxparser.so.8", "libnvonnxparser.so"),
 }
 
@@ -105,8 +109,9 @@ def resolve_providers(
         if problem is None:
             names.append(name)
         elif not auto:
-            raise BackendError(f"execution provider {name!r} cannot run here: {problem}",
-                               hint=_install_hint(name))
+            raise BackendError(
+                f"execution provider {name!r} cannot run here: {problem}", hint=_install_hint(name)
+            )
         elif name == "tensorrt" and ORT_NAMES[name] in available:
             # onnxruntime-gpu always lists TensorRT; only say so when it would have been chosen.
             warnings.warn(

@@ -27,7 +27,14 @@ from torch import nn
 from worldflux_registry._contract import IOContract
 from worldflux_registry.errors import ExportError
 
-from ._graphs import ALL_GRAPHS, GraphModule, GraphSignature, check_graphs, example_inputs, signature
+from ._graphs import (
+    ALL_GRAPHS,
+    GraphModule,
+    GraphSignature,
+    check_graphs,
+    example_inputs,
+    signature,
+)
 from ._manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -125,7 +132,13 @@ def export_model(
                 progress(graph, "start")
             sig = signature(contract, graph)
             entries[graph] = _export_graph(
-                traced, sig, contract, tmp, opset, {**meta, META_GRAPH: graph}, example_batch,
+                traced,
+                sig,
+                contract,
+                tmp,
+                opset,
+                {**meta, META_GRAPH: graph},
+                example_batch,
                 half=precision == "fp16",
             )
             if progress is not None:
@@ -198,11 +211,15 @@ def _export_graph(
     path = tmp / f"{sig.graph}.onnx"
     start = time.perf_counter()
     try:
-        program = _torch_export(wrapper, args, sig, opset)
+        exported = _trace(wrapper, args)
     except ExportError:
         raise
     except Exception as exc:
-        raise _export_failure(wrapper, args, sig, opset, exc) from exc
+        raise _trace_failure(wrapper, args, sig, exc) from exc
+    try:
+        program = _torch_export(exported, sig, opset)
+    except Exception as exc:
+        raise _export_failure(exported, sig, opset, exc) from exc
     names = [v.name for v in program.model.graph.inputs]
     if names != sig.input_names:
         raise ExportError(
@@ -260,28 +277,87 @@ def _quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _torch_export(
-    wrapper: nn.Module,
-    args: tuple[torch.Tensor, ...],
-    sig: GraphSignature,
-    opset: int,
-    **extra: Any,
-) -> Any:
+def _trace(wrapper: nn.Module, args: tuple[torch.Tensor, ...]) -> Any:
+    """``torch.export`` with a symbolic batch axis on every input.
+
+    Done here rather than inside ``torch.onnx.export``, which falls back to static shapes when
+    the batch cannot stay symbolic; we want that to fail, naming the line at fault.
+    """
     batch = torch.export.Dim("batch", min=1)
     dynamic = tuple({0: batch} for _ in args)
     with _quiet(), torch.no_grad():
+        return torch.export.export(wrapper, args, dynamic_shapes=(dynamic,), strict=False)
+
+
+def _torch_export(exported: Any, sig: GraphSignature, opset: int, **extra: Any) -> Any:
+    with _quiet(), torch.no_grad():
         return torch.onnx.export(
-            wrapper,
-            args,
+            exported,
+            (),
             dynamo=True,
             opset_version=opset,
             input_names=sig.input_names,
             output_names=sig.output_names,
-            dynamic_shapes=(dynamic,),
             verbose=False,
             optimize=True,
             **extra,
         )
+
+
+_GUARD = re.compile(r"eval (Eq\(\w+, \d+\)) \[guard added\] \(([^)]*)\)")
+
+
+def _trace_failure(
+    wrapper: nn.Module, args: tuple[torch.Tensor, ...], sig: GraphSignature, exc: BaseException
+) -> ExportError:
+    """An `ExportError` for a failed ``torch.export``; for a batch axis that was specialised,
+    the source lines that did it (found by re-tracing with shape logging on)."""
+    text = str(exc)
+    first = next((line.strip() for line in text.splitlines() if line.strip()), repr(exc))
+    if "specialized it to be a constant" not in text and "Constraints violated" not in text:
+        return ExportError(
+            f"tracing graph {sig.graph!r} with torch.export failed: {first[:400]}",
+            hint="the step must be traceable by torch.export(strict=False): no data-dependent "
+            "Python control flow on tensor values",
+            graph=sig.graph,
+        )
+    sites = _specialisation_sites(wrapper, args)
+    where = "; ".join(f"{loc} ({guard})" for guard, loc in sites) or "an unknown line"
+    return ExportError(
+        f"graph {sig.graph!r} cannot keep a symbolic batch axis: the code fixes the batch size "
+        f"to the example's at {where}",
+        hint="keep batch sizes as tensor dims (x.shape[0], not int(x.shape[0]) or .item())",
+        graph=sig.graph,
+        node=sites[0][1] if sites else None,
+    )
+
+
+def _specialisation_sites(
+    wrapper: nn.Module, args: tuple[torch.Tensor, ...]
+) -> list[tuple[str, str]]:
+    messages: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    handler = _Collect()
+    logger.addHandler(handler)
+    try:
+        # torch's own switch for shape-guard logs; reset to the defaults afterwards.
+        torch._logging.set_logs(dynamic=logging.INFO)
+        with contextlib.suppress(Exception):
+            _trace(wrapper, args)
+    finally:
+        torch._logging.set_logs()
+        logger.removeHandler(handler)
+    sites = []
+    for message in messages:
+        match = _GUARD.search(message)
+        if match and (match.group(1), match.group(2)) not in sites:
+            sites.append((match.group(1), match.group(2)))
+    return sites
 
 
 _OP = re.compile(r"op='([\w.:]+)', overload='([\w.]*)'")
@@ -290,17 +366,13 @@ _TARGET = re.compile(r"target=([\w.:]+)")
 
 
 def _export_failure(
-    wrapper: nn.Module,
-    args: tuple[torch.Tensor, ...],
-    sig: GraphSignature,
-    opset: int,
-    exc: BaseException,
+    exported: Any, sig: GraphSignature, opset: int, exc: BaseException
 ) -> ExportError:
     """An `ExportError` for ``exc``, after re-running the export with its report enabled."""
     report_dir = Path(tempfile.mkdtemp(prefix=f"worldflux-onnx-{sig.graph}-report-"))
     try:
-        _torch_export(wrapper, args, sig, opset, report=True, artifacts_dir=str(report_dir))
-    except Exception:  # noqa: S110 - the report is what we came for
+        _torch_export(exported, sig, opset, report=True, artifacts_dir=str(report_dir))
+    except Exception:  # the report is what we came for; the first error is raised
         pass
     reports = sorted(report_dir.glob("*.md"))
     report = str(reports[-1]) if reports else None

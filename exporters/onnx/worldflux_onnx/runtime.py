@@ -110,7 +110,7 @@ def load_artifact(
         )
     graphs: dict[str, Any] = manifest["graphs"]
     for graph, entry in graphs.items():
-        files = [entry] + list(entry.get("external_data", ()))
+        files = [entry, *entry.get("external_data", ())]
         for item in files:
             file = directory / item["file"]
             if not file.is_file():
@@ -532,8 +532,9 @@ class _CudaRunner(_Runner):
         if key not in self._captured:
             binding = session.io_binding()
             inputs = {k: torch.empty_like(v) for k, v in feed.items()}
-            outputs = {k: torch.empty(v.shape, dtype=v.dtype, device=self.device)
-                       for k, v in out.items()}
+            outputs = {
+                k: torch.empty(v.shape, dtype=v.dtype, device=self.device) for k, v in out.items()
+            }
             for name, value in inputs.items():
                 self._bind(binding, name, value, output=False)
             for name, value in outputs.items():
