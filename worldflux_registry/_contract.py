@@ -170,7 +170,9 @@ class TensorSpec:
                         f"tensor {self.name!r}: symbolic dim {dim!r} is not bound",
                         hint=f"pass {dim}=<int>",
                     )
-                out.append(int(dims[dim]))
+                value = dims[dim]
+                # A SymInt (export tracing) stays symbolic: int() would specialise the batch.
+                out.append(value if type(value).__name__ == "SymInt" else int(value))
             else:
                 out.append(dim)
         return tuple(out)
