@@ -147,8 +147,8 @@ class State:
 
         Copies the tensors once into one new shared-memory segment and returns a JSON-able
         descriptor naming it; pass that (e.g. through a queue or a pipe) to
-        :meth:`from_shared_memory` in any process on this machine. The segment lives until
-        :meth:`unlink_shared_memory` is called with the descriptor: the caller owns it.
+        `from_shared_memory` in any process on this machine. The segment lives until
+        `unlink_shared_memory` is called with the descriptor: the caller owns it.
 
         Notes:
             - CPU contiguous tensors retain zero-copy semantics when re-attached.
@@ -173,7 +173,7 @@ class State:
 
         With ``copy=False`` the tensors are views of the segment: a write through them is seen
         by every process attached to it. The mapping stays valid as long as any of those
-        tensors lives (even after :meth:`close_shared_memory` or an unlink). With ``copy=True``
+        tensors lives (even after `close_shared_memory` or an unlink). With ``copy=True``
         the tensors are private copies and nothing stays attached.
 
         Raises:
