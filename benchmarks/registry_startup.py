@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     # Installed packages carry bytecode (pip compiles on install); let the plugins have it too.
     base_env.pop("PYTHONDONTWRITEBYTECODE", None)
 
+    load_at_start = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     torch_time = time_command([python, "-c", "import torch"], base_env, args.repeats)
     print(f"import torch: {torch_time['median_s']:.3f} s")
     rows = []
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
             "torch": _torch_version(python, base_env),
+            "load_average_at_start": load_at_start,
         },
         "repeats": args.repeats,
         "import_torch": torch_time,
@@ -205,7 +207,9 @@ def _markdown(result: dict) -> str:
         "# Registry startup",
         "",
         f"Wall time of fresh processes, median of {result['repeats']} runs after one warm-up, "
-        f"on {m['platform']}, Python {m['python']}, {m['cpus']} CPUs, torch {m['torch']}.",
+        f"on {m['platform']}, Python {m['python']}, {m['cpus']} CPUs, torch {m['torch']}; "
+        f"load average at start {m['load_average_at_start']} (a shared machine: absolute times "
+        "are inflated, the ratio to `import torch` on the same machine is the measure).",
         "Produced by `python benchmarks/registry_startup.py`.",
         "",
         f'`python -c "import torch"`: **{t:.3f} s**',

@@ -177,9 +177,9 @@ def test_returned_lists_are_copies(fixture_registry):
 
 
 def test_list_filters_by_pattern_and_capability_in_natural_order():
-    from wf_fixture_good.plugin import TOYFAMILY
-
     import dataclasses
+
+    from wf_fixture_good.plugin import TOYFAMILY
 
     specs = [
         dataclasses.replace(TOYFAMILY, name=n, aliases=(), capabilities=caps)

@@ -123,7 +123,7 @@ def test_path_refs_are_directories(fixture_registry, tmp_path):
     with pytest.raises(ResolutionError, match="neither a worldflux checkpoint"):
         fixture_registry.resolve(str(tmp_path))
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "some.other.format"}))
-    with pytest.raises(ResolutionError, match="some.other.format"):
+    with pytest.raises(ResolutionError, match=r"some\.other\.format"):
         fixture_registry.resolve(str(tmp_path))
 
 
@@ -193,3 +193,33 @@ def test_listing_resolving_and_fingerprinting_never_import_torch(tmp_path):
     assert result["codes"][:3] == [0, 0, 0]
     assert result["torch"] is False
     assert result["model"] is False
+
+
+def test_a_model_built_by_an_isolated_registry_knows_its_contract():
+    import dataclasses
+
+    from wf_fixture_good.plugin import TOYFAMILY
+
+    # A family unknown to the process-wide registry, whose class relies on the base io_contract().
+    spec = dataclasses.replace(
+        TOYFAMILY, name="isolatedtoy", aliases=(), model="tests_isolated_toy:Model"
+    )
+    import sys
+    import types
+
+    from wf_fixture_good.model import ToyWorldModel
+
+    module = types.ModuleType("tests_isolated_toy")
+
+    class Model(ToyWorldModel):
+        family = "isolatedtoy"
+        io_contract = ToyWorldModel.__mro__[1].io_contract
+
+    module.Model = Model
+    sys.modules["tests_isolated_toy"] = module
+    try:
+        registry = Registry(entry_points=False, plugins=[_plugin(spec)])
+        model = registry.load("isolatedtoy")
+        assert model.contract_fingerprint() == registry.resolve("isolatedtoy").fingerprint
+    finally:
+        del sys.modules["tests_isolated_toy"]

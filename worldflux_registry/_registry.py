@@ -461,6 +461,10 @@ class Registry:
             )
         model = cls.from_config(dict(config))
         model.preset = preset
+        if getattr(model, "_contract_cache", True) is None:
+            # The base io_contract() asks the process-wide registry; a model built here (maybe
+            # by an isolated registry) gets its family's contract from the spec that built it.
+            model._contract_cache = spec.contract_for(dict(config))
         return _place(model, device, dtype).eval()
 
     def _load_artifact(
