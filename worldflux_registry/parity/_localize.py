@@ -69,9 +69,24 @@ def run_reference_evaluator(
     missing = [n for n in names if n not in feeds]
     if missing:
         raise KeyError(f"no value for graph inputs {missing}")
+    graph_outputs = [o.name for o in model.graph.output]
+    wanted = [_graph_output(name, graph_outputs) for name in outputs]
     evaluator = ReferenceEvaluator(model)
-    values = evaluator.run(outputs, {n: feeds[n] for n in names})
+    values = evaluator.run(wanted, {n: feeds[n] for n in names})
     return {name: np.asarray(v) for name, v in zip(outputs, values, strict=True)}
+
+
+def _graph_output(output: str, graph_outputs: list[str]) -> str:
+    """The graph output carrying ``output`` (``state.deter`` may be named ``new_state.deter``:
+    an ONNX graph cannot give an output the name of an input)."""
+    if output in graph_outputs:
+        return output
+    group, _, key = output.partition(".")
+    for name in graph_outputs:
+        prefix, _, rest = name.partition(".")
+        if rest == key and prefix.endswith(group):
+            return name
+    raise KeyError(f"the graph has no output for {output!r} (outputs: {graph_outputs})")
 
 
 def _first_step_failure(report: ParityReport) -> OutputCheck | None:
