@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-onnx = pytest.importorskip("onnx", reason="the ONNX checks need onnx (pip install worldflux-registry[onnx])")
-pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install worldflux-registry[onnx])")
+_EXTRA = "pip install 'worldflux-registry[onnx]'"
+onnx = pytest.importorskip("onnx", reason=f"the ONNX checks need onnx ({_EXTRA})")
+pytest.importorskip("onnxruntime", reason=f"the ONNX checks need onnxruntime ({_EXTRA})")
 pytest.importorskip("worldflux_onnx", reason="needs the worldflux-onnx exporter distribution")
 
 from onnx import numpy_helper  # noqa: E402
@@ -132,7 +133,8 @@ def test_tolerance_override_on_an_export(exported, tmp_path):
     def nudge(array):
         array.reshape(-1)[0] += 1e-4
 
-    bad = registry.load(tampered(out, tmp_path / "nudge", "decode", "model.reward_head.bias", nudge))
+    bad = tampered(out, tmp_path / "nudge", "decode", "model.reward_head.bias", nudge)
+    bad = registry.load(bad)
     assert not parity.check(model, bad, **FAST).passed
     report = parity.check(model, bad, tolerances={"pred.reward": Tolerance(0, 1e-3)}, **FAST)
     assert report.passed
