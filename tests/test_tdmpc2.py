@@ -118,7 +118,7 @@ def test_fresh_reward_and_value_heads_predict_zero():
 def test_policy_prior_is_a_tanh_gaussian():
     model = build()
     z = model.encode(torch.randn(6, 4))["latent"]
-    mean, action, log_prob = model.pi(z, deterministic=True)
+    mean, action, _ = model.pi(z, deterministic=True)
     assert torch.equal(mean, action)
     eps = torch.randn(6, 2)
     _, a1, lp1 = model.pi(z, eps=eps)
@@ -280,12 +280,32 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def test_param_groups_slow_the_encoder_and_skip_the_target():
+    model = build()
+    groups = model.param_groups(1e-3)
+    assert groups[0]["lr"] == pytest.approx(3e-4) and groups[1]["lr"] == 1e-3
+    grouped = [p for g in groups for p in g["params"]]
+    assert len({id(p) for p in grouped}) == len(grouped)
+    assert sum(p.numel() for p in grouped) == trainable(model)
+
+
 def test_ci_preset_learns_the_point_mass_in_300_steps(one_thread):
     torch.manual_seed(0)
-    model = registry.load("tdmpc2:ci")
+    model = registry.load("tdmpc2:ci").train()
     train = se.collect_dataset(episodes=128, length=16, seed=0)
     held_out = se.to_torch(se.collect_dataset(episodes=64, length=16, seed=1))
-    losses = se.fit(model, train, 300, batch_size=32, length=6, lr=1e-3, seed=0)
+    # The official recipe (slower encoder, clip 20) at the official horizon 3 (4 observations).
+    optimizer = torch.optim.Adam(model.param_groups(1e-3))
+    stream = se.iterate_batches(train, 128, seed=0, keys=se.batch_keys(model), length=4)
+    losses = []
+    for _ in range(300):
+        out = model.loss(se.to_torch(next(stream)))
+        optimizer.zero_grad()
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 20.0)
+        optimizer.step()
+        losses.append(out.loss.item())
+    model.eval()
     first, last = sum(losses[:10]) / 10, sum(losses[-20:]) / 20
     assert last <= 0.7 * first, (first, last)
     err = _next_latent_errors(model, held_out)

@@ -337,6 +337,23 @@ class TDMPC2WorldModel(WorldModel):
         return traj
 
     # -- training ------------------------------------------------------------------------------
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups as the official agent uses them.
+
+        The encoder learns at ``lr * enc_lr_scale`` (0.3), everything else at ``lr``; the
+        frozen target Q copy is left out. The official recipe is Adam with ``lr=3e-4`` and
+        gradient-norm clipping at 20::
+
+            opt = torch.optim.Adam(model.param_groups(3e-4))
+        """
+        encoder = list(self.encoder.parameters())
+        seen = {id(p) for p in encoder}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in seen]
+        return [
+            {"params": encoder, "lr": lr * self.config["enc_lr_scale"]},
+            {"params": rest, "lr": lr},
+        ]
+
     @torch.no_grad()
     def soft_update_target(self, tau: float | None = None) -> None:
         """Polyak-average the online Q heads into the target copy (``tau`` from the config)."""

@@ -53,6 +53,8 @@ DEFAULTS: Final[dict[str, Any]] = {
     "tau": 0.01,
     "policy_coef": 0.0,
     "entropy_coef": 1e-4,
+    # Optimisation (read by TDMPC2WorldModel.param_groups).
+    "enc_lr_scale": 0.3,
 }
 
 #: Preset name -> overrides. ``ci`` is tiny (tests); the rest are the official size table.
