@@ -150,6 +150,12 @@ def check(
             tol, source = pick_tolerance(overrides, graph, name, spec.dtype, compute)
             outputs[(graph, name)] = _Output(graph, name, spec, tol, source)
 
+    notes: list[str] = []
+    if contract.action is None and "free_running" in modes:
+        # `rollout` takes an action sequence by protocol: without actions there is no rollout.
+        modes = tuple(m for m in modes if m != "free_running")
+        enforced = tuple(m for m in enforced if m != "free_running")
+        notes.append("free_running skipped: the contract declares no action")
     run = _Run(
         contract,
         outputs,
@@ -157,6 +163,7 @@ def check(
         candidate,
         _device_of(reference),
         _device_of(candidate),
+        notes=notes,
     )
     with _tf32(strict_tf32), _eval_mode(reference, candidate), torch.no_grad():
         ref_info = _side_info(reference)
