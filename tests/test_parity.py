@@ -237,6 +237,9 @@ def test_tolerance_override_changes_the_verdict(toy):
     strict = parity.check(toy, tiny, horizon=3, tolerances={"pred.reward": Tolerance(0.0, 1e-8)})
     assert not strict.passed
     assert strict.failing_outputs() == ["decode/pred.reward"]
+    exact = parity.check(toy, tiny, horizon=3, tolerances={"decode": parity.EXACT})
+    assert not exact.passed
+    json.loads(exact.to_json())  # an exact tolerance still gives finite ratios
 
 
 def test_unknown_tolerance_key_suggests_the_closest(toy):
