@@ -227,6 +227,7 @@ def _export_graph(
             hint="every declared input must be used by the step (unused ones are dropped)",
             graph=sig.graph,
         )
+    _name_batch_axis(program.model.graph)
     fixed = [
         v.name
         for v in (*program.model.graph.inputs, *program.model.graph.outputs)
@@ -262,6 +263,31 @@ def _export_graph(
     if data:
         entry["external_data"] = [{"file": p.name, "sha256": sha256_file(p)} for p in data]
     return entry
+
+
+def _name_batch_axis(graph: Any) -> None:
+    """Call the traced batch symbol (``s33``...) ``batch`` everywhere in the graph."""
+    import onnx_ir as ir
+
+    first = graph.inputs[0].shape if graph.inputs else None
+    if first is None or len(first) == 0 or not isinstance(first[0], ir.SymbolicDim):
+        return
+    symbol = first[0].value
+    if symbol is None or symbol == "batch":
+        return
+    values = [*graph.inputs, *graph.outputs]
+    for node in graph.all_nodes() if hasattr(graph, "all_nodes") else graph:
+        values.extend(node.outputs)
+    for value in values:
+        shape = value.shape
+        if shape is None or not any(
+            isinstance(d, ir.SymbolicDim) and d.value == symbol for d in shape
+        ):
+            continue
+        dims = [
+            "batch" if isinstance(d, ir.SymbolicDim) and d.value == symbol else d for d in shape
+        ]
+        value.shape = ir.Shape(dims)
 
 
 @contextlib.contextmanager
