@@ -1,0 +1,291 @@
+"""ONNX Runtime backend: artifact verification, the WorldModel protocol, providers (CPU here;
+the CUDA / CUDA-graph / TensorRT tests run only where a GPU and onnxruntime-gpu are present)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from test_onnx_export import THIRD_PARTY, assert_agree, exported  # noqa: E402
+
+from worldflux_registry import (  # noqa: E402
+    BackendError,
+    Capability,
+    CapabilityError,
+    ConditionPayload,
+    ContractError,
+    ExportError,
+    State,
+    WorldModel,
+    registry,
+)
+from worldflux_registry._inputs import (  # noqa: E402
+    encode_input,
+    make_actions,
+    make_noise,
+    make_observations,
+    noise_conditions,
+)
+
+HAS_CUDA = torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
+needs_cuda = pytest.mark.skipif(
+    not HAS_CUDA, reason="needs a CUDA GPU and onnxruntime-gpu (CUDAExecutionProvider)"
+)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return exported(tmp_path_factory, THIRD_PARTY, "random")
+
+
+@pytest.fixture
+def copy_of(toy, tmp_path):
+    """A private copy of the toy export, free to damage."""
+    target = tmp_path / "export"
+    shutil.copytree(toy.directory, target)
+    return target
+
+
+def _edit_manifest(directory: Path, **changes) -> None:
+    path = directory / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.update(changes)
+    path.write_text(json.dumps(manifest))
+
+
+def _load(directory: Path, **options):
+    from worldflux_onnx.runtime import load_artifact
+
+    return load_artifact(directory, providers=["cpu"], **options)
+
+
+# -- verification on load ---------------------------------------------------------------------
+def test_tampered_graph_file_is_refused_naming_the_graph(copy_of):
+    path = copy_of / "transition.onnx"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match=r"graph 'transition' file .*sha256.*modified") as info:
+        registry.load(copy_of)
+    assert info.value.graph == "transition"
+
+
+def test_missing_graph_file_is_refused_naming_it(copy_of):
+    (copy_of / "decode.onnx").unlink()
+    with pytest.raises(ExportError, match=r"graph 'decode' file decode\.onnx is missing"):
+        registry.load(copy_of)
+
+
+def test_manifest_from_a_future_format_version_asks_for_an_upgrade(copy_of):
+    _edit_manifest(copy_of, format_version=2)
+    with pytest.raises(ExportError, match=r"format_version 2, newer than the 1.*upgrade"):
+        registry.load(copy_of)
+
+
+def test_edited_contract_no_longer_matches_the_fingerprint(copy_of):
+    manifest = json.loads((copy_of / "manifest.json").read_text())
+    manifest["contract"]["observations"][0]["shape"][1] += 1
+    (copy_of / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match=r"fingerprint .* does not match its contract"):
+        _load(copy_of)
+
+
+def test_graph_file_swapped_for_another_graph_is_caught_by_its_metadata(copy_of):
+    from worldflux_onnx._manifest import sha256_file
+
+    shutil.copyfile(copy_of / "encode.onnx", copy_of / "decode.onnx")
+    manifest = json.loads((copy_of / "manifest.json").read_text())
+    manifest["graphs"]["decode"]["sha256"] = sha256_file(copy_of / "decode.onnx")
+    (copy_of / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match="holds graph 'encode', not 'decode'"):
+        _load(copy_of)
+
+
+def test_wrong_format_and_absent_manifest_are_named(copy_of, tmp_path):
+    from worldflux_onnx.runtime import load_artifact
+
+    _edit_manifest(copy_of, format="other.thing")
+    with pytest.raises(ExportError, match=r"format 'other\.thing'"):
+        load_artifact(copy_of)
+    with pytest.raises(ExportError, match=r"no manifest\.json"):
+        load_artifact(tmp_path)
+
+
+# -- the protocol -----------------------------------------------------------------------------
+def test_loaded_export_is_a_world_model_with_the_same_contract(toy):
+    model = registry.load(toy.directory, device="cpu")
+    assert isinstance(model, WorldModel)
+    assert model.io_contract() == toy.model.io_contract()
+    assert model.contract_fingerprint() == toy.model.contract_fingerprint()
+    assert model.family == "toyfamily" and model.preset == "tiny"
+    assert list(model.parameters()) == []
+    assert model.supports(Capability.ROLLOUT) and model.supports(Capability.UPDATE)
+    assert not model.supports(Capability.LOSS)
+    assert model.providers == ["CPUExecutionProvider"]
+    assert model.graph_path("decode") == toy.directory / "decode.onnx"
+
+
+def test_loss_raises_capability_error(toy):
+    with pytest.raises(CapabilityError, match="cannot compute a training loss"):
+        toy.onnx.loss({})
+
+
+def test_deterministic_steps_are_refused_on_stochastic_graphs(toy):
+    obs = make_observations(toy.model.io_contract(), (2,), torch.Generator().manual_seed(0))
+    with pytest.raises(CapabilityError, match="no deterministic mode"):
+        toy.onnx.encode(obs, deterministic=True)
+
+
+def test_noise_is_sampled_when_not_given_and_used_when_given(toy):
+    contract = toy.model.io_contract()
+    gen = torch.Generator().manual_seed(0)
+    obs = make_observations(contract, (4,), gen)
+    torch.manual_seed(1)
+    a = toy.onnx.encode(obs)
+    b = toy.onnx.encode(obs)
+    assert not torch.equal(a["latent"], b["latent"])
+    noise = make_noise(contract, "encode", (4,), gen)
+    c = toy.onnx.encode(encode_input(obs, noise))
+    d = toy.onnx.encode(encode_input(obs, noise))
+    assert torch.equal(c["latent"], d["latent"])
+    assert c["latent"].shape == (4, *contract.state[1].shape[1:])
+
+
+def test_state_without_a_declared_key_is_a_contract_error(toy):
+    with pytest.raises(ContractError, match=r"missing keys \['latent'\]"):
+        toy.onnx.decode(State({"deter": torch.zeros(2, 16)}))
+
+
+def test_async_rollout_and_time_major_noise_match_torch(toy):
+    contract = toy.model.io_contract()
+    gen = torch.Generator().manual_seed(3)
+    obs = make_observations(contract, (2,), gen)
+    actions = make_actions(contract, (4, 2), gen)
+    noise = make_noise(contract, "transition", (4, 2), gen)
+    cond = noise_conditions(noise)
+    with torch.no_grad():
+        start = toy.model.encode(encode_input(obs, make_noise(contract, "encode", (2,), gen)))
+        ref = toy.model.rollout(start, actions, cond)
+    got = asyncio.run(toy.onnx.async_rollout(start, actions, cond))
+    assert got.rewards.shape == ref.rewards.shape == (4, 2)
+    assert_agree("rollout", contract.predictions, ref.predictions, got.predictions, 1e-5)
+
+
+def test_load_refuses_a_dtype(toy):
+    with pytest.raises(BackendError, match="precision is chosen at export time"):
+        registry.load(toy.directory, dtype="float16")
+
+
+# -- providers --------------------------------------------------------------------------------
+def test_auto_providers_on_a_cpu_only_install_choose_cpu_without_warnings(toy):
+    if HAS_CUDA:
+        pytest.skip("this machine has CUDA: 'auto' picks it")
+    from worldflux_onnx.runtime import load_artifact
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = load_artifact(toy.directory, providers="auto")
+    assert model.plan.names == ["cpu"] and model.device.type == "cpu"
+
+
+def test_explicit_gpu_providers_fail_clearly_without_a_gpu(toy):
+    if HAS_CUDA:
+        pytest.skip("this machine has CUDA")
+    from worldflux_onnx.runtime import load_artifact
+
+    with pytest.raises(BackendError, match=r"'cuda' cannot run here.*onnxruntime-gpu"):
+        load_artifact(toy.directory, providers=["cuda", "cpu"])
+    with pytest.raises(BackendError, match="'tensorrt' cannot run here"):
+        load_artifact(toy.directory, providers=["tensorrt"])
+    with pytest.raises(BackendError, match=r"unknown providers \['rocm'\]"):
+        load_artifact(toy.directory, providers=["rocm"])
+
+
+def test_tensorrt_without_its_libraries_fails_explicitly_and_auto_falls_back(monkeypatch):
+    """Provider choice on an onnxruntime-gpu install whose TensorRT libraries are absent.
+
+    Only the GPU's presence is simulated (this machine has none); the library probe is real.
+    """
+    from worldflux_onnx import _providers
+
+    missing = _providers.missing_tensorrt_libraries()
+    if not missing:
+        pytest.skip("TensorRT libraries are installed here")
+    gpu_ort = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: gpu_ort)
+    monkeypatch.setattr(_providers, "_cuda_ready", lambda: True)
+    with pytest.raises(BackendError, match=r"TensorRT libraries not found: libnvinfer\.so"):
+        _providers.resolve_providers(["tensorrt", "cuda"])
+    with pytest.warns(RuntimeWarning, match="TensorRT provider skipped.*libnvinfer"):
+        plan = _providers.resolve_providers("auto", cuda_graph=True)
+    assert plan.names == ["cuda", "cpu"]
+    assert plan.options[0] == {"device_id": 0, "enable_cuda_graph": "1"}
+
+
+def test_tensorrt_options_put_caches_under_the_export(tmp_path, monkeypatch):
+    from worldflux_onnx import _providers
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["TensorrtExecutionProvider"])
+    monkeypatch.setattr(_providers, "_cuda_ready", lambda: True)
+    monkeypatch.setattr(_providers, "missing_tensorrt_libraries", lambda: [])
+    plan = _providers.resolve_providers(["tensorrt"], cache_dir=tmp_path / "trt", trt_fp16=True)
+    assert plan.names == ["tensorrt", "cpu"]
+    opts = plan.options[0]
+    assert opts["trt_engine_cache_path"] == str(tmp_path / "trt") == opts["trt_timing_cache_path"]
+    assert opts["trt_fp16_enable"] is True and (tmp_path / "trt").is_dir()
+
+
+# -- GPU (skipped without CUDA + onnxruntime-gpu) ----------------------------------------------
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["iobinding", "cuda-graph"])
+def test_cuda_provider_matches_torch_on_the_same_gpu(toy, cuda_graph):
+    from worldflux_onnx.runtime import load_artifact
+
+    model = toy.model.to("cuda")
+    onnx_model = load_artifact(toy.directory, providers=["cuda"], cuda_graph=cuda_graph)
+    assert onnx_model.device.type == "cuda"
+    contract = model.io_contract()
+    for batch in (1, 3, 17, 3):  # the repeated size replays its captured graph
+        gen = torch.Generator().manual_seed(batch)
+        obs = {k: v.cuda() for k, v in make_observations(contract, (batch,), gen).items()}
+        noise = {k: v.cuda() for k, v in make_noise(contract, "encode", (batch,), gen).items()}
+        with torch.no_grad():
+            ref = model.encode(encode_input(obs, noise))
+        got = onnx_model.encode(encode_input(obs, noise))
+        assert got["deter"].device.type == "cuda"
+        assert_agree(f"cuda encode b={batch}", contract.state, ref.tensors, got.tensors, 1e-4)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_rollout_stays_on_the_device(toy):
+    from worldflux_onnx.runtime import load_artifact
+
+    model = toy.model.to("cuda")
+    onnx_model = load_artifact(toy.directory, providers=["cuda"])
+    contract = model.io_contract()
+    gen = torch.Generator().manual_seed(0)
+    obs = {k: v.cuda() for k, v in make_observations(contract, (5,), gen).items()}
+    actions = make_actions(contract, (8, 5), gen).cuda()
+    cond = ConditionPayload(
+        {
+            f"wf.noise.{k}": v.cuda()
+            for k, v in make_noise(contract, "transition", (8, 5), gen).items()
+        }
+    )
+    with torch.no_grad():
+        start = model.encode(obs)
+        ref = model.rollout(start, actions, cond)
+    got = onnx_model.rollout(start, actions, cond)
+    assert all(v.device.type == "cuda" for v in got.predictions.values())
+    assert_agree("cuda rollout", contract.predictions, ref.predictions, got.predictions, 1e-4)
