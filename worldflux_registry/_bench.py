@@ -276,8 +276,9 @@ def _tf32(enabled: bool) -> Iterator[None]:
 class _Memory:
     """Peak memory while one backend runs: CUDA allocator peak on GPU, process RSS peak on CPU."""
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, window: str = "the timed calls") -> None:
         self.device = device
+        self.window = window
         self.reset_ok = False
         self.before = 0
         self.free_before = 0
@@ -307,6 +308,7 @@ class _Memory:
             free_after = int(torch.cuda.mem_get_info()[0])
             return {
                 "kind": "cuda",
+                "window": self.window,
                 "peak_bytes": int(torch.cuda.max_memory_allocated()),
                 "allocated_before_bytes": self.before,
                 "device_used_growth_bytes": self.free_before - free_after,
@@ -325,7 +327,13 @@ class _Memory:
         else:
             how = "process peak RSS since start (resource.getrusage ru_maxrss): not per backend"
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return {"kind": "cpu-rss", "peak_bytes": peak, "rss_before_bytes": self.before, "how": how}
+        return {
+            "kind": "cpu-rss",
+            "window": self.window,
+            "peak_bytes": peak,
+            "rss_before_bytes": self.before,
+            "how": how,
+        }
 
 
 def _proc_status_bytes(key: str) -> int | None:
@@ -687,6 +695,7 @@ class _Context:
     tf32: bool
     ort_options: dict[str, Any]
     _on_device: dict[str, WorldModel] = field(default_factory=dict)
+    _candidates: dict[str, WorldModel] = field(default_factory=dict)
 
     def torch_model(self, device: str) -> WorldModel:
         """The reference model on ``device`` (copied once per device)."""
@@ -739,7 +748,12 @@ def _sync_for(device: str) -> Callable[[], None]:
 
 
 def _time_model(
-    ctx: _Context, result: BackendResult, model: WorldModel, device: str, batch: int
+    ctx: _Context,
+    result: BackendResult,
+    model: WorldModel,
+    device: str,
+    batch: int,
+    memory: _Memory | None = None,
 ) -> None:
     """Time one transition and a whole rollout of ``model`` (any protocol implementation)."""
     inputs = _make_inputs(ctx.model, batch, ctx.horizon, ctx.seed).to(device)
@@ -748,8 +762,9 @@ def _time_model(
     roll_cond = _conditions(inputs.rollout_noise)
     action, actions = inputs.action, _actions(inputs)
     sync = _sync_for(device)
-    memory = _Memory("cuda" if device.startswith("cuda") else "cpu")
-    memory.start()
+    if memory is None:
+        memory = _Memory("cuda" if device.startswith("cuda") else "cpu")
+        memory.start()
     t = ctx.timing
     result.step = _measure(
         lambda: model.transition(state, action, step_cond),
@@ -794,6 +809,9 @@ def _bench_torch_cudagraph(ctx: _Context, result: BackendResult) -> None:
     result.device = device
     model = ctx.torch_model(device)
     batch = result.batch
+    # Started before capture: the graphs' private memory pools are allocated while capturing.
+    memory = _Memory("cuda", "graph capture and the timed replays")
+    memory.start()
     inputs = _make_inputs(ctx.model, batch, ctx.horizon, ctx.seed).to(device)
     state = _initial_state(model, inputs)
     step_cond = _conditions(inputs.step_noise)
@@ -834,8 +852,6 @@ def _bench_torch_cudagraph(ctx: _Context, result: BackendResult) -> None:
         result.reason = f"replay differs from eager by up to {worst:.3g} (atol = rtol = 1e-5)"
         return
     sync = torch.cuda.synchronize
-    memory = _Memory("cuda")
-    memory.start()
     t = ctx.timing
     kwargs = {
         "warmup": t["warmup"],
@@ -936,7 +952,17 @@ def _bench_ort(ctx: _Context, result: BackendResult, backend: str) -> None:
         if not torch.cuda.is_available():
             raise _Skip("CUDA is not available to torch here")
     options = _ort_loader_options(ctx, backend)
-    candidate = registry.load(ctx.export_dir, device=device, **options)
+    memory = _Memory(
+        device,
+        "loading the ORT model (first batch size only), the parity check (its torch reference "
+        "included) and the timed calls",
+    )
+    memory.start()
+    # One model per backend, reused across batch sizes (ORT sessions are costly to build).
+    candidate = ctx._candidates.get(backend)
+    if candidate is None:
+        candidate = registry.load(ctx.export_dir, device=device, **options)
+        ctx._candidates[backend] = candidate
     result.settings = {"loader_options": _printable(options), **_ort_session_facts(candidate)}
     result.settings["tf32"] = _tf32_state()
     if device == "cuda":
@@ -952,7 +978,7 @@ def _bench_ort(ctx: _Context, result: BackendResult, backend: str) -> None:
         result.status = "refused"
         result.reason = "parity failed: " + str(result.parity.get("summary") or "see parity")
         return
-    _time_model(ctx, result, candidate, device, result.batch)
+    _time_model(ctx, result, candidate, device, result.batch, memory)
 
 
 def _ort_session_facts(candidate: Any) -> dict[str, Any]:
