@@ -1,0 +1,290 @@
+"""DreamerV3 family declaration: config fields, presets, contract and parameter count (torch-free).
+
+Sizes follow the official ``configs.yaml`` of danijar/dreamerv3 (``size1m`` ... ``size400m``:
+RSSM deter / hidden / classes, CNN depth, MLP units). The size names count the whole agent
+(actor and critic included); `param_count` counts the world model alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+from worldflux_registry._contract import Capability, IOContract, NoiseSpec, TensorSpec
+from worldflux_registry.errors import ConfigError
+
+__all__ = [
+    "CAPABILITIES",
+    "DEFAULTS",
+    "FAMILY",
+    "IMAGE_SHAPE",
+    "PRESETS",
+    "contract",
+    "embed_dim",
+    "param_count",
+]
+
+FAMILY: Final = "dreamerv3"
+#: Image observations are 64x64 RGB, channels last, as in the official agent.
+IMAGE_SHAPE: Final = (64, 64, 3)
+
+#: Every config field with its default (the official size12m world model on vector obs).
+DEFAULTS: Final[Mapping[str, Any]] = {
+    # observation / action interface
+    "obs_dim": 4,  # vector observation size; 0 means no "vector" observation
+    "image": False,  # True adds the "image" observation (uint8 [64, 64, 3])
+    "action_dim": 2,
+    # RSSM
+    "deter": 2048,
+    "hidden": 256,
+    "stoch": 32,
+    "classes": 16,
+    "blocks": 8,
+    "unimix": 0.01,
+    "dynlayers": 1,
+    "imglayers": 2,
+    "obslayers": 1,
+    # encoder / decoder / heads
+    "units": 256,
+    "depth": 16,
+    "mults": [2, 3, 4, 4],
+    "kernel": 5,
+    "enc_layers": 3,
+    "dec_layers": 3,
+    "head_layers": 1,
+    "bspace": 8,
+    "bins": 255,
+    # loss
+    "free_nats": 1.0,
+    "dyn_scale": 1.0,
+    "rep_scale": 0.1,
+    "rec_scale": 1.0,
+    "rew_scale": 1.0,
+    "con_scale": 1.0,
+}
+
+
+def _size(deter: int, hidden: int, classes: int, depth: int, units: int) -> dict[str, Any]:
+    return {
+        "deter": deter,
+        "hidden": hidden,
+        "classes": classes,
+        "depth": depth,
+        "units": units,
+    }
+
+
+#: Preset name -> overrides of `DEFAULTS`.
+PRESETS: Final[Mapping[str, Mapping[str, Any]]] = {
+    # Tiny, for tests and CI: trains a few hundred steps on CPU in seconds.
+    "ci": _size(64, 32, 4, 2, 32),
+    "size1m": _size(512, 64, 4, 4, 64),
+    "size12m": _size(2048, 256, 16, 16, 256),
+    "size25m": _size(3072, 384, 24, 24, 384),
+    "size50m": _size(4096, 512, 32, 32, 512),
+    "size100m": _size(6144, 768, 48, 48, 768),
+    "size200m": _size(8192, 1024, 64, 64, 1024),
+    "size400m": _size(12288, 1536, 96, 96, 1536),
+}
+
+CAPABILITIES: Final = frozenset(
+    {
+        Capability.ENCODE,
+        Capability.TRANSITION,
+        Capability.UPDATE,
+        Capability.DECODE,
+        Capability.ROLLOUT,
+        Capability.LOSS,
+        Capability.REWARD,
+        Capability.CONTINUE,
+        Capability.STOCHASTIC,
+        Capability.VECTOR_OBS,
+        Capability.IMAGE_OBS,
+        Capability.CONTINUOUS_ACTIONS,
+    }
+)
+
+
+def check_config(config: Mapping[str, Any]) -> None:
+    """Raise `ConfigError` for a config the model cannot be built from."""
+    problems = []
+    if int(config["obs_dim"]) < 0:
+        problems.append(f"obs_dim must be >= 0, got {config['obs_dim']}")
+    if int(config["obs_dim"]) == 0 and not config["image"]:
+        problems.append("no observation: set obs_dim > 0 and/or image=True")
+    if int(config["action_dim"]) < 1:
+        problems.append(f"action_dim must be >= 1, got {config['action_dim']}")
+    if int(config["deter"]) % int(config["blocks"]):
+        problems.append(f"deter {config['deter']} is not divisible by blocks {config['blocks']}")
+    if config["image"]:
+        last = int(config["depth"]) * int(config["mults"][-1])
+        if len(config["mults"]) != 4:
+            problems.append("image models need 4 CNN stages (mults of length 4): 64 -> 4 pixels")
+        if int(config["deter"]) % int(config["bspace"]) or last % int(config["bspace"]):
+            problems.append(
+                f"deter {config['deter']} and the last CNN depth {last} must be divisible "
+                f"by bspace {config['bspace']}"
+            )
+    if int(config["bins"]) < 2:
+        problems.append(f"bins must be >= 2, got {config['bins']}")
+    if problems:
+        raise ConfigError("; ".join(problems), family=FAMILY)
+
+
+def contract(config: Mapping[str, Any]) -> IOContract:
+    """The DreamerV3 I/O contract of ``config``.
+
+    Observations: ``"vector"`` float32 ``[batch, obs_dim]`` when ``obs_dim > 0`` and ``"image"``
+    uint8 ``[batch, 64, 64, 3]`` when ``image``. State: ``"deter"`` (GRU state) and ``"stoch"``
+    (one-hot categorical sample ``[batch, stoch, classes]``). Noise: uniform ``"prior"`` for
+    ``transition`` and ``"posterior"`` for ``encode``/``update`` (Gumbel-max sampling).
+    """
+    check_config(config)
+    obs_dim = int(config["obs_dim"])
+    stoch, classes = int(config["stoch"]), int(config["classes"])
+    observations, predictions = [], []
+    if obs_dim:
+        observations.append(TensorSpec("vector", "float32", ("batch", obs_dim)))
+        predictions.append(
+            TensorSpec("vector", "float32", ("batch", obs_dim), description="reconstruction")
+        )
+    if config["image"]:
+        observations.append(TensorSpec("image", "uint8", ("batch", *IMAGE_SHAPE), low=0, high=255))
+        predictions.append(
+            TensorSpec(
+                "image",
+                "float32",
+                ("batch", *IMAGE_SHAPE),
+                low=0.0,
+                high=1.0,
+                description="reconstruction scaled to [0, 1]",
+            )
+        )
+    predictions += [
+        TensorSpec("reward", "float32", ("batch",), description="symexp two-hot expectation"),
+        TensorSpec(
+            "continue",
+            "float32",
+            ("batch",),
+            kind="binary",
+            low=0.0,
+            high=1.0,
+            description="probability that the episode continues",
+        ),
+    ]
+    latent = ("batch", stoch, classes)
+    return IOContract(
+        observations=tuple(observations),
+        action=TensorSpec(
+            "action", "float32", ("batch", int(config["action_dim"])), low=-1.0, high=1.0
+        ),
+        state=(
+            TensorSpec("deter", "float32", ("batch", int(config["deter"]))),
+            TensorSpec(
+                "stoch",
+                "float32",
+                latent,
+                kind="categorical",
+                classes=classes,
+                description="one-hot sample (straight-through gradients)",
+            ),
+        ),
+        predictions=tuple(predictions),
+        noise=(
+            NoiseSpec("prior", latent, graphs=("transition",)),
+            NoiseSpec("posterior", latent, graphs=("encode", "update")),
+        ),
+        targets=(
+            TensorSpec("reward", "float32", ("batch",), description="reward produced by action[t]"),
+            TensorSpec(
+                "continue",
+                "float32",
+                ("batch",),
+                kind="binary",
+                low=0.0,
+                high=1.0,
+                description="0.0 when the observation after action[t] is terminal",
+            ),
+        ),
+    )
+
+
+def _linear(i: int, o: int) -> int:
+    return i * o + o
+
+
+def _block_linear(i: int, o: int, groups: int) -> int:
+    return i * o // groups + o
+
+
+def _conv(i: int, o: int, k: int) -> int:
+    return i * o * k * k + o
+
+
+def _mlp(i: int, units: int, layers: int) -> int:
+    """Linear + RMSNorm layers."""
+    total = 0
+    for _ in range(layers):
+        total += _linear(i, units) + units
+        i = units
+    return total
+
+
+def embed_dim(config: Mapping[str, Any]) -> int:
+    """Width of the encoder output the posterior reads."""
+    width = int(config["units"]) if int(config["obs_dim"]) else 0
+    if config["image"]:
+        width += 4 * 4 * int(config["depth"]) * int(config["mults"][-1])
+    return width
+
+
+def param_count(config: Mapping[str, Any]) -> int:
+    """Number of world-model parameters of ``config`` (closed form, no torch).
+
+    Counts encoder, RSSM, decoder, reward and continue heads; no actor or critic.
+    """
+    check_config(config)
+    c = {k: config[k] for k in DEFAULTS}
+    deter, hidden, units = int(c["deter"]), int(c["hidden"]), int(c["units"])
+    stoch_flat = int(c["stoch"]) * int(c["classes"])
+    blocks, kernel = int(c["blocks"]), int(c["kernel"])
+    obs_dim, feat = int(c["obs_dim"]), stoch_flat + deter
+    depths = [int(c["depth"]) * int(m) for m in c["mults"]]
+    total = 0
+    # encoder
+    if obs_dim:
+        total += _mlp(obs_dim, units, int(c["enc_layers"]))
+    if c["image"]:
+        channels = IMAGE_SHAPE[-1]
+        for d in depths:
+            total += _conv(channels, d, kernel) + d
+            channels = d
+    # RSSM core: three input projections, block-diagonal hidden layers and GRU
+    total += _mlp(deter, hidden, 1) + _mlp(stoch_flat, hidden, 1)
+    total += _mlp(int(c["action_dim"]), hidden, 1)
+    width = deter + 3 * hidden * blocks
+    for _ in range(int(c["dynlayers"])):
+        total += _block_linear(width, deter, blocks) + deter
+        width = deter
+    total += _block_linear(width, 3 * deter, blocks)
+    # posterior and prior logits
+    total += _mlp(deter + embed_dim(c), hidden, int(c["obslayers"]))
+    total += _linear(hidden, stoch_flat)
+    total += _mlp(deter, hidden, int(c["imglayers"])) + _linear(hidden, stoch_flat)
+    # decoder
+    if obs_dim:
+        total += _mlp(feat, units, int(c["dec_layers"])) + _linear(units, obs_dim)
+    if c["image"]:
+        last = depths[-1]
+        space = 4 * 4 * last
+        total += _block_linear(deter, space, int(c["bspace"])) + last
+        total += _mlp(stoch_flat, 2 * units, 1) + _linear(2 * units, space) + last
+        channels = last
+        for d in reversed(depths[:-1]):
+            total += _conv(channels, d, kernel) + d
+            channels = d
+        total += _conv(channels, IMAGE_SHAPE[-1], kernel)
+    # heads
+    total += _mlp(feat, units, int(c["head_layers"])) + _linear(units, int(c["bins"]))
+    total += _mlp(feat, units, int(c["head_layers"])) + _linear(units, 1)
+    return total
