@@ -42,23 +42,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from worldflux_registry._contract import IOContract
-from worldflux_registry._model import ActionLike, ObsLike, WorldModel
-from worldflux_registry._payloads import (
+from worldflux_registry import (
     ActionPayload,
     ConditionPayload,
+    ContractError,
+    IOContract,
     LossOutput,
     ModelOutput,
+    State,
     Trajectory,
+    WorldModel,
+    WorldModelInput,
 )
-from worldflux_registry._state import State
-from worldflux_registry.errors import ContractError
 
 from . import spec
 
 __all__ = ["SimNorm", "TDMPC2WorldModel", "symexp", "symlog", "two_hot"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+ObsLike = Tensor | Mapping[str, Tensor] | WorldModelInput
+ActionLike = Tensor | ActionPayload | None
 
 
 def symlog(x: Tensor) -> Tensor:

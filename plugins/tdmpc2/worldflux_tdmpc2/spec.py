@@ -12,8 +12,7 @@ from collections.abc import Mapping
 from itertools import pairwise
 from typing import Any, Final
 
-from worldflux_registry._contract import Capability, IOContract, TensorSpec
-from worldflux_registry.errors import ConfigError
+from worldflux_registry import Capability, ConfigError, IOContract, TensorSpec
 
 __all__ = [
     "CAPABILITIES",
