@@ -345,7 +345,7 @@ class DreamerV3WorldModel(WorldModel):
         tensors, conditions = self.observations(obs)
         tensors = self._obs_tensors(tensors)
         first = next(iter(tensors.values()))
-        batch, device = int(first.shape[0]), first.device
+        batch, device = first.shape[0], first.device
         zero = self.initial_tensors(batch, device)
         action = torch.zeros(batch, self.action_dim, device=device)
         return self._observe(zero, action, tensors, conditions, deterministic)
@@ -390,7 +390,7 @@ class DreamerV3WorldModel(WorldModel):
         noise = (
             None
             if deterministic
-            else self._noise("posterior", conditions, int(deter.shape[0]), deter.device)
+            else self._noise("posterior", conditions, deter.shape[0], deter.device)
         )
         stoch, _ = self._posterior(deter, embed, noise)
         return State({"deter": deter, "stoch": stoch})
@@ -412,7 +412,7 @@ class DreamerV3WorldModel(WorldModel):
         noise = (
             None
             if deterministic
-            else self._noise("prior", conditions, int(deter.shape[0]), deter.device)
+            else self._noise("prior", conditions, deter.shape[0], deter.device)
         )
         stoch = self._sample(self.prior_logits(deter), noise)
         return State({"deter": deter, "stoch": stoch})
