@@ -311,3 +311,28 @@ def test_ci_preset_learns_the_point_mass_in_300_steps(one_thread):
     err = _next_latent_errors(model, held_out)
     assert err["model"] < 0.8 * err["copy"], err
     assert err["reward"] < 0.6 * err["reward_mean_baseline"], err
+
+
+# -- docs ---------------------------------------------------------------------------------------
+def preset_table() -> str:
+    """The preset table of docs/families/tdmpc2.md, generated from the spec."""
+    fields = ("enc_dim", "mlp_dim", "latent_dim", "num_enc_layers", "num_q", "obs_dim")
+    fields += ("action_dim",)
+    rows = [
+        "| preset | " + " | ".join(fields) + " | parameters |",
+        "|---|" + "---:|" * (len(fields) + 1),
+    ]
+    for name, overrides in spec.PRESETS.items():
+        cfg = {**spec.DEFAULTS, **overrides}
+        cells = " | ".join(str(cfg[k]) for k in fields)
+        rows.append(f"| `{name}` | {cells} | {spec.param_count(cfg):,} |")
+    return "\n".join(rows)
+
+
+def test_docs_preset_table_matches_the_spec():
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "families" / "tdmpc2.md").read_text()
+    start = page.index("-->", page.index("<!-- preset-table")) + len("-->")
+    table = page[start : page.index("<!-- /preset-table -->")].strip()
+    assert table == preset_table(), "regenerate the table with tests/test_tdmpc2.py:preset_table"
