@@ -428,3 +428,13 @@ def test_cli_export_writes_the_artifact_and_reports_progress(tmp_path, capsys):
     assert "export decode" in captured.err and "done in" in captured.err
     assert sorted(p.name for p in out.iterdir()) == ["decode.onnx", "manifest.json"]
     assert json.loads((out / "manifest.json").read_text())["parity"] is None
+
+
+def test_a_prediction_the_step_does_not_return_is_named(tmp_path):
+    class Forgetful(EigModel):
+        def decode(self, state, conditions=None):
+            return ModelOutput({"other": state["h"]})
+
+    with pytest.raises(ExportError, match=r"decode\(\) returned no 'pred\.eig'") as info:
+        export(Forgetful(), "onnx", tmp_path / "f", graphs=("decode",), check=False)
+    assert info.value.graph == "decode" and info.value.output == "pred.eig"
