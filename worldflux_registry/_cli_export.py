@@ -85,7 +85,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
             progress.update(task, completed=1, state=state)
     passed = True
     if args.check and report is not None:
-        report.print(Console(highlight=False))
+        # The parity table is wide: do not let a pipe's 80 columns elide its numbers.
+        out_console = Console(highlight=False)
+        report.print(Console(highlight=False, width=max(out_console.width, 150)))
         passed = bool(report.passed)
     print(out)
     return 0 if passed else 1
