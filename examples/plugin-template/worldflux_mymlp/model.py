@@ -110,4 +110,5 @@ class MyMLPWorldModel(WorldModel):
             "reward": reward_loss / steps,
             "prior": 0.1 * prior_loss / steps,
         }
-        return LossOutput(loss=sum(components.values()), components=components, metrics={})
+        total = components["reconstruction"] + components["reward"] + components["prior"]
+        return LossOutput(loss=total, components=components, metrics={})

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from worldflux_registry import (
     ActionPayload,
     ConditionPayload,
+    ConfigError,
     ContractError,
     IOContract,
     LossOutput,
@@ -127,7 +128,8 @@ class NormedLinear(nn.Linear):
         x = super().forward(x)
         if self.dropout is not None:
             x = self.dropout(x)
-        return self.act(self.ln(x))
+        out: Tensor = self.act(self.ln(x))
+        return out
 
 
 def mlp(dims: list[int], act: nn.Module | None = None, dropout: float = 0.0) -> nn.Sequential:
@@ -136,7 +138,8 @@ def mlp(dims: list[int], act: nn.Module | None = None, dropout: float = 0.0) -> 
         NormedLinear(a, b, dropout=dropout if i == 0 else 0.0)
         for i, (a, b) in enumerate(pairwise(dims[:-1]))
     ]
-    layers.append(NormedLinear(dims[-2], dims[-1], act=act) if act else nn.Linear(*dims[-2:]))
+    fan_in, fan_out = dims[-2], dims[-1]
+    layers.append(NormedLinear(fan_in, fan_out, act=act) if act else nn.Linear(fan_in, fan_out))
     return nn.Sequential(*layers)
 
 
@@ -164,8 +167,9 @@ class TDMPC2WorldModel(WorldModel):
         super().__init__()
         unknown = sorted(set(config) - set(spec.DEFAULTS))
         if unknown:
-            raise ContractError(
+            raise ConfigError(
                 f"unknown tdmpc2 config fields {unknown}",
+                family=spec.FAMILY,
                 hint="fields: " + ", ".join(sorted(spec.DEFAULTS)),
             )
         cfg = {**spec.DEFAULTS, **config}
@@ -184,7 +188,7 @@ class TDMPC2WorldModel(WorldModel):
             mlp([lat + act, hid, hid, bins], dropout=cfg["dropout"]) for _ in range(cfg["num_q"])
         )
         self.apply(_init_weights)
-        last_layers = [self.reward_head[-1]] + [q[-1] for q in self.qs]
+        last_layers = [self.reward_head[-1]] + [q[-1] for q in self.qs]  # type: ignore[index]
         for layer in last_layers:
             assert isinstance(layer, nn.Linear)
             nn.init.zeros_(layer.weight)
@@ -192,11 +196,12 @@ class TDMPC2WorldModel(WorldModel):
         bin_values = torch.linspace(cfg["vmin"], cfg["vmax"], bins)
         self.register_buffer("bins", bin_values, persistent=False)
         # Running 5%-95% range of Q used to scale the optional policy loss (official RunningScale).
+        self.q_scale: Tensor
         self.register_buffer("q_scale", torch.ones(()))
 
     # -- building blocks (the official WorldModel methods) -------------------------------------
     def _two_hot_inv(self, logits: Tensor) -> Tensor:
-        bins: Tensor = self.bins
+        bins: Tensor = self.bins  # type: ignore[assignment]
         return symexp((F.softmax(logits, dim=-1) * bins).sum(-1))
 
     def encode_vector(self, obs: Tensor) -> Tensor:
@@ -336,7 +341,7 @@ class TDMPC2WorldModel(WorldModel):
         """
         traj = super().rollout(initial_state, action_sequence, conditions, deterministic, mode)
         first = self.decode(initial_state, conditions).predictions["value"]
-        rest = traj.predictions.get("value")
+        rest = (traj.predictions or {}).get("value")
         traj.values = first[None] if rest is None else torch.cat([first[None], rest])
         return traj
 
@@ -454,7 +459,8 @@ class TDMPC2WorldModel(WorldModel):
         q = q / self.q_scale
         weights = cfg["rho"] ** torch.arange(zs.shape[0], device=zs.device, dtype=zs.dtype)
         per_step = -(cfg["entropy_coef"] * -log_prob + q).mean(-1)
-        return (per_step * weights).mean()
+        loss: Tensor = (per_step * weights).mean()
+        return loss
 
 
 def _sub(params: dict[str, Tensor], index: int) -> dict[str, Tensor]:

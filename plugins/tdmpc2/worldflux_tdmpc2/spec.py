@@ -207,4 +207,4 @@ def param_count(config: Mapping[str, Any]) -> int:
     reward = _mlp([lat + act, mlp, mlp, bins], False)
     policy = _mlp([lat, mlp, mlp, 2 * act], False)
     q = _mlp([lat + act, mlp, mlp, bins], False)
-    return encoder + dynamics + reward + policy + config["num_q"] * q
+    return int(encoder + dynamics + reward + policy + config["num_q"] * q)
