@@ -333,7 +333,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except WorldFluxRegistryError as exc:
-        _console(stderr=True).print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        from rich.markup import escape
+
+        # Messages carry literal brackets (pip extras, shapes): never read them as markup.
+        _console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         return 1
     except KeyboardInterrupt:
         return 130

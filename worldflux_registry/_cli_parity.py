@@ -106,7 +106,9 @@ def register(subparsers: Any) -> None:
 
 
 def _usage(console: Console, message: str) -> int:
-    console.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     return 2
 
 
@@ -148,7 +150,9 @@ def _cmd_parity(args: argparse.Namespace) -> int:
         return _usage(err, str(exc))
     if note:
         report.notes.insert(0, note)
-        err.print(f"[yellow]note:[/yellow] {note}", markup=True)
+        from rich.markup import escape
+
+        err.print(f"[yellow]note:[/yellow] {escape(note)}")
     out.width = max(out.width, 112)
     report.print(out)
     try:
