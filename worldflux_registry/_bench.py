@@ -79,13 +79,15 @@ _DISTRIBUTIONS = (
 class Timing:
     """Order statistics of repeated wall-clock measurements, in seconds.
 
-    ``calls`` counts every call of the measured function, warm-up included, so that
-    ``calls == warmup + n`` shows that the warm-up happened and was not timed.
+    Samples are taken in ``rounds`` blocks, each opened by one untimed call that re-warms the
+    caches after the other backends ran. ``calls`` counts every call of the measured function,
+    so ``calls == warmup + rounds + n`` shows that the warm-up happened and was not timed.
     """
 
     n: int
     warmup: int
     calls: int
+    rounds: int
     median: float
     p10: float
     p90: float
@@ -101,7 +103,9 @@ class Timing:
         return self.q75 - self.q25
 
     @classmethod
-    def from_samples(cls, samples: Sequence[float], *, warmup: int, calls: int) -> Timing:
+    def from_samples(
+        cls, samples: Sequence[float], *, warmup: int, calls: int, rounds: int = 0
+    ) -> Timing:
         """Summarise ``samples`` (at least one)."""
         if not samples:
             raise ValueError("no samples to summarise")
@@ -110,6 +114,7 @@ class Timing:
             n=len(ordered),
             warmup=warmup,
             calls=calls,
+            rounds=rounds,
             median=_quantile(ordered, 0.5),
             p10=_quantile(ordered, 0.1),
             p90=_quantile(ordered, 0.9),
@@ -276,7 +281,7 @@ def _tf32(enabled: bool) -> Iterator[None]:
 class _Memory:
     """Peak memory while one backend runs: CUDA allocator peak on GPU, process RSS peak on CPU."""
 
-    def __init__(self, device: str, window: str = "the timed calls") -> None:
+    def __init__(self, device: str, window: str) -> None:
         self.device = device
         self.window = window
         self.reset_ok = False
@@ -345,40 +350,88 @@ def _proc_status_bytes(key: str) -> int | None:
 
 
 # -- timing -----------------------------------------------------------------------------------
-def _measure(
-    fn: Callable[[], Any],
-    sync: Callable[[], None],
-    *,
-    warmup: int,
-    repeats: int,
-    min_repeats: int,
-    max_seconds: float,
-) -> Timing:
-    """Call ``fn`` ``warmup`` times untimed, then time up to ``repeats`` calls.
+@dataclass
+class _Series:
+    """One function to time: warmed up first, then timed in blocks interleaved with others."""
 
-    Each timed call is bracketed by ``sync`` (``torch.cuda.synchronize`` on GPU) so that the
-    time covers the work, not its launch. Stops early after ``max_seconds`` of timed calls once
-    ``min_repeats`` are done.
+    fn: Callable[[], Any]
+    sync: Callable[[], None]
+    warmup: int
+    repeats: int
+    samples: list[float] = field(default_factory=list)
+    calls: int = 0
+    rounds: int = 0
+    spent: float = 0.0
+
+    def warm(self) -> None:
+        for _ in range(self.warmup):
+            self.fn()
+            self.calls += 1
+        self.sync()
+
+    def time_block(self, size: int, min_repeats: int, max_seconds: float) -> None:
+        """One untimed call (caches back to this backend's weights), then up to ``size``
+        timed calls, each bracketed by ``sync`` (``torch.cuda.synchronize`` on GPU) so that
+        a time covers the work, not its launch."""
+        self.fn()
+        self.calls += 1
+        self.rounds += 1
+        for _ in range(size):
+            if self.done(min_repeats, max_seconds):
+                break
+            self.sync()
+            t0 = time.perf_counter()
+            self.fn()
+            self.sync()
+            dt = time.perf_counter() - t0
+            self.calls += 1
+            self.samples.append(dt)
+            self.spent += dt
+
+    def done(self, min_repeats: int, max_seconds: float) -> bool:
+        if len(self.samples) >= self.repeats:
+            return True
+        return self.spent > max_seconds and len(self.samples) >= min(min_repeats, self.repeats)
+
+    def timing(self) -> Timing:
+        return Timing.from_samples(
+            self.samples, warmup=self.warmup, calls=self.calls, rounds=self.rounds
+        )
+
+
+@dataclass
+class _Timer:
+    """The timed series of one backend at one batch size, and where their results go."""
+
+    result: BackendResult
+    step: _Series
+    rollout: _Series
+    horizon: int
+
+
+#: Samples of a series are taken in about this many interleaved blocks.
+_ROUNDS = 5
+
+
+def _time_interleaved(timers: Sequence[_Timer], *, min_repeats: int, max_seconds: float) -> None:
+    """Time every series in round-robin blocks (`_ROUNDS` blocks of consecutive calls each).
+
+    Interleaving spreads slow drifts of the machine (other processes, clock changes) over every
+    backend alike, so their ratios stay meaningful on a shared machine; consecutive calls within
+    a block keep the caches as a steady loop on one backend would. Each series stops at
+    ``repeats`` samples, or after ``max_seconds`` of timed calls once ``min_repeats`` are done.
     """
-    calls = 0
-    for _ in range(warmup):
-        fn()
-        calls += 1
-    sync()
-    samples: list[float] = []
-    spent = 0.0
-    while len(samples) < repeats:
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        dt = time.perf_counter() - t0
-        calls += 1
-        samples.append(dt)
-        spent += dt
-        if spent > max_seconds and len(samples) >= min_repeats:
+    series = [s for t in timers for s in (t.step, t.rollout)]
+    while True:
+        active = [s for s in series if not s.done(min_repeats, max_seconds)]
+        if not active:
             break
-    return Timing.from_samples(samples, warmup=warmup, calls=calls)
+        for s in active:
+            s.time_block(-(-s.repeats // _ROUNDS), min_repeats, max_seconds)
+    for t in timers:
+        t.result.step = t.step.timing()
+        t.result.rollout = t.rollout.timing()
+        t.result.throughput = t.horizon * t.result.batch / t.result.rollout.median
 
 
 # -- inputs -----------------------------------------------------------------------------------
@@ -576,10 +629,19 @@ def run(
             ort_options=dict(ort_options or {}),
         )
         bench.settings["loadavg_before"] = _loadavg()
+        timers: list[_Timer] = []
         with _tf32(tf32), torch.inference_mode():
             for backend in backends:
                 for batch in batches:
-                    bench.results.append(_run_backend(ctx, backend, batch))
+                    result, timer = _prepare_backend(ctx, backend, batch)
+                    bench.results.append(result)
+                    if timer is not None:
+                        timers.append(timer)
+            try:
+                _time_interleaved(timers, min_repeats=min_repeats, max_seconds=max_seconds)
+            except Exception as exc:  # a failure mid-timing voids every timing of this run
+                for t in timers:
+                    _fail(t.result, exc)
         bench.settings["loadavg_after"] = _loadavg()
         return bench
     finally:
@@ -706,27 +768,41 @@ class _Context:
         return self._on_device[device]
 
 
-def _run_backend(ctx: _Context, backend: str, batch: int) -> BackendResult:
+def _prepare_backend(
+    ctx: _Context, backend: str, batch: int
+) -> tuple[BackendResult, _Timer | None]:
+    """Load, parity-check and warm up one backend at one batch size (memory measured here).
+
+    Returns its result and, when it may be timed, its timer (None when skipped, refused or
+    failed).
+    """
     import torch
 
     result = BackendResult(backend=backend, batch=batch, status="ok")
+    timer = None
     try:
         if backend == "torch":
-            _bench_torch(ctx, result, ctx.device)
+            timer = _bench_torch(ctx, result, ctx.device)
         elif backend == "torch-cudagraph":
             if not torch.cuda.is_available():
-                return _skip(result, "CUDA is not available here (torch.cuda.is_available() False)")
-            _bench_torch_cudagraph(ctx, result)
+                _skip(result, "CUDA is not available here (torch.cuda.is_available() False)")
+            else:
+                timer = _bench_torch_cudagraph(ctx, result)
         else:
-            _bench_ort(ctx, result, backend)
+            timer = _bench_ort(ctx, result, backend)
     except _Skip as skip:
-        return _skip(result, str(skip))
+        _skip(result, str(skip))
     except Exception as exc:  # one backend's failure is a result, not a crash
-        result.status = "error"
-        result.reason = _shorten(f"{type(exc).__name__}: {exc}", 600)
-        result.step = result.rollout = None
-        result.throughput = None
-    return result
+        _fail(result, exc)
+        timer = None
+    return result, timer
+
+
+def _fail(result: BackendResult, exc: BaseException) -> None:
+    result.status = "error"
+    result.reason = _shorten(f"{type(exc).__name__}: {exc}", 600)
+    result.step = result.rollout = None
+    result.throughput = None
 
 
 class _Skip(Exception):
@@ -754,39 +830,49 @@ def _time_model(
     device: str,
     batch: int,
     memory: _Memory | None = None,
-) -> None:
-    """Time one transition and a whole rollout of ``model`` (any protocol implementation)."""
+) -> _Timer:
+    """Warm up one transition and a whole rollout of ``model`` (any protocol implementation)
+    and return their timer; peak memory covers the warm-up calls."""
     inputs = _make_inputs(ctx.model, batch, ctx.horizon, ctx.seed).to(device)
+    if memory is None:
+        memory = _Memory("cuda" if device.startswith("cuda") else "cpu", "the warm-up calls")
+        memory.start()
     state = _initial_state(model, inputs)
     step_cond = _conditions(inputs.step_noise)
     roll_cond = _conditions(inputs.rollout_noise)
     action, actions = inputs.action, _actions(inputs)
-    sync = _sync_for(device)
-    if memory is None:
-        memory = _Memory("cuda" if device.startswith("cuda") else "cpu")
-        memory.start()
-    t = ctx.timing
-    result.step = _measure(
+    return _warm_timer(
+        ctx,
+        result,
         lambda: model.transition(state, action, step_cond),
-        sync,
-        warmup=t["warmup"],
-        repeats=t["repeats"],
-        min_repeats=t["min_repeats"],
-        max_seconds=t["max_seconds"],
-    )
-    result.rollout = _measure(
         lambda: model.rollout(state, actions, roll_cond),
-        sync,
-        warmup=t["warmup"],
-        repeats=t["rollout_repeats"],
-        min_repeats=t["min_repeats"],
-        max_seconds=t["max_seconds"],
+        _sync_for(device),
+        memory,
     )
+
+
+def _warm_timer(
+    ctx: _Context,
+    result: BackendResult,
+    step: Callable[[], Any],
+    rollout: Callable[[], Any],
+    sync: Callable[[], None],
+    memory: _Memory,
+) -> _Timer:
+    t = ctx.timing
+    timer = _Timer(
+        result,
+        _Series(step, sync, t["warmup"], t["repeats"]),
+        _Series(rollout, sync, t["warmup"], t["rollout_repeats"]),
+        ctx.horizon,
+    )
+    timer.step.warm()
+    timer.rollout.warm()
     result.memory = memory.stop()
-    result.throughput = ctx.horizon * batch / result.rollout.median
+    return timer
 
 
-def _bench_torch(ctx: _Context, result: BackendResult, device: str) -> None:
+def _bench_torch(ctx: _Context, result: BackendResult, device: str) -> _Timer:
     import torch
 
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -798,10 +884,10 @@ def _bench_torch(ctx: _Context, result: BackendResult, device: str) -> None:
         "threads": torch.get_num_threads(),
         "tf32": _tf32_state(),
     }
-    _time_model(ctx, result, ctx.torch_model(device), device, result.batch)
+    return _time_model(ctx, result, ctx.torch_model(device), device, result.batch)
 
 
-def _bench_torch_cudagraph(ctx: _Context, result: BackendResult) -> None:
+def _bench_torch_cudagraph(ctx: _Context, result: BackendResult) -> _Timer | None:
     """Capture one transition and a whole rollout in CUDA graphs and time their replay."""
     import torch
 
@@ -810,7 +896,7 @@ def _bench_torch_cudagraph(ctx: _Context, result: BackendResult) -> None:
     model = ctx.torch_model(device)
     batch = result.batch
     # Started before capture: the graphs' private memory pools are allocated while capturing.
-    memory = _Memory("cuda", "graph capture and the timed replays")
+    memory = _Memory("cuda", "graph capture and the warm-up replays")
     memory.start()
     inputs = _make_inputs(ctx.model, batch, ctx.horizon, ctx.seed).to(device)
     state = _initial_state(model, inputs)
@@ -850,18 +936,10 @@ def _bench_torch_cudagraph(ctx: _Context, result: BackendResult) -> None:
     if not result.parity["passed"]:
         result.status = "refused"
         result.reason = f"replay differs from eager by up to {worst:.3g} (atol = rtol = 1e-5)"
-        return
-    sync = torch.cuda.synchronize
-    t = ctx.timing
-    kwargs = {
-        "warmup": t["warmup"],
-        "min_repeats": t["min_repeats"],
-        "max_seconds": t["max_seconds"],
-    }
-    result.step = _measure(step_graph.replay, sync, repeats=t["repeats"], **kwargs)
-    result.rollout = _measure(roll_graph.replay, sync, repeats=t["rollout_repeats"], **kwargs)
-    result.memory = memory.stop()
-    result.throughput = ctx.horizon * batch / result.rollout.median
+        return None
+    return _warm_timer(
+        ctx, result, step_graph.replay, roll_graph.replay, torch.cuda.synchronize, memory
+    )
 
 
 def _capture(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
@@ -934,7 +1012,7 @@ def _printable(options: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _bench_ort(ctx: _Context, result: BackendResult, backend: str) -> None:
+def _bench_ort(ctx: _Context, result: BackendResult, backend: str) -> _Timer | None:
     import torch
 
     from ._registry import registry
@@ -955,7 +1033,7 @@ def _bench_ort(ctx: _Context, result: BackendResult, backend: str) -> None:
     memory = _Memory(
         device,
         "loading the ORT model (first batch size only), the parity check (its torch reference "
-        "included) and the timed calls",
+        "included) and the warm-up calls",
     )
     memory.start()
     # One model per backend, reused across batch sizes (ORT sessions are costly to build).
@@ -977,8 +1055,8 @@ def _bench_ort(ctx: _Context, result: BackendResult, backend: str) -> None:
     if not result.parity["passed"]:
         result.status = "refused"
         result.reason = "parity failed: " + str(result.parity.get("summary") or "see parity")
-        return
-    _time_model(ctx, result, candidate, device, result.batch, memory)
+        return None
+    return _time_model(ctx, result, candidate, device, result.batch, memory)
 
 
 def _ort_session_facts(candidate: Any) -> dict[str, Any]:
