@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from multiprocessing import shared_memory
 from typing import TYPE_CHECKING, Any, Final
 
-from ._state_wire import TensorRecord, check_meta, parse_record, tensor_bytes, torch_dtype
+from ._state_wire import TensorRecord, check_state_meta, parse_record, tensor_bytes, torch_dtype
 from .errors import StateFormatError
 
 if TYPE_CHECKING:
@@ -76,12 +76,7 @@ def create(
     """Copy tensors into a new shared-memory segment; return its JSON-able descriptor."""
     if not isinstance(namespace, str):
         raise StateFormatError(f"namespace {namespace!r} is not a string")
-    if not isinstance(meta, Mapping):
-        raise StateFormatError(f"State meta is a {type(meta).__name__}, not a dict")
-    try:
-        check_meta(meta)
-    except RecursionError as exc:
-        raise StateFormatError("State meta is nested too deeply (or refers to itself)") from exc
+    checked_meta = check_state_meta(meta)
     entries: list[dict[str, Any]] = []
     chunks = []
     offset = 0
@@ -122,7 +117,7 @@ def create(
         "version": DESCRIPTOR_VERSION,
         "segment": segment.name,
         "size": size,
-        "meta": dict(meta),
+        "meta": dict(checked_meta),
         "tensors": entries,
     }
 

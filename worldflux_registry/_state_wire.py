@@ -34,6 +34,7 @@ __all__ = [
     "MAGIC",
     "TensorRecord",
     "check_meta",
+    "check_state_meta",
     "decode",
     "encode",
     "parse_record",
@@ -189,13 +190,15 @@ def check_meta(meta: object, path: str = "meta") -> None:
         )
 
 
-def _dump_meta(meta: object) -> None:
+def check_state_meta(meta: object) -> Mapping[str, Any]:
+    """Return ``meta``; raise `StateFormatError` unless it is a dict of plain JSON values."""
     if not isinstance(meta, Mapping):
         raise StateFormatError(f"State meta is a {type(meta).__name__}, not a dict")
     try:
         check_meta(meta)
     except RecursionError as exc:
         raise StateFormatError("State meta is nested too deeply (or refers to itself)") from exc
+    return meta
 
 
 def _swap_bytes(flat: np.ndarray, itemsize: int) -> np.ndarray:
@@ -262,7 +265,7 @@ def encode(
         raise StateFormatError(
             f"unsupported State version {version!r}", hint=f"known: {', '.join(VERSIONS)}"
         )
-    _dump_meta(meta)
+    check_state_meta(meta)
     records: list[dict[str, Any]] = []
     chunks: list[Any] = []
     for name, tensor in tensors.items():
