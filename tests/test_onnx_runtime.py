@@ -228,7 +228,7 @@ def test_tensorrt_without_its_libraries_fails_explicitly_and_auto_falls_back(mon
     with pytest.warns(RuntimeWarning, match="TensorRT provider skipped.*libnvinfer"):
         plan = _providers.resolve_providers("auto", cuda_graph=True)
     assert plan.names == ["cuda", "cpu"]
-    assert plan.options[0] == {"device_id": 0, "enable_cuda_graph": "1"}
+    assert plan.options[0] == {"device_id": 0, "use_tf32": "0", "enable_cuda_graph": "1"}
 
 
 def test_tensorrt_options_put_caches_under_the_export(tmp_path, monkeypatch):
@@ -244,6 +244,109 @@ def test_tensorrt_options_put_caches_under_the_export(tmp_path, monkeypatch):
     assert opts["trt_fp16_enable"] is True and (tmp_path / "trt").is_dir()
 
 
+def test_cuda_provider_runs_fp32_without_tf32_unless_asked(monkeypatch):
+    """ORT's CUDA provider defaults to TF32; the loader writes ``use_tf32`` either way."""
+    from worldflux_onnx import _providers
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider"])
+    monkeypatch.setattr(_providers, "_cuda_ready", lambda: True)
+    assert _providers.resolve_providers(["cuda"]).options[0]["use_tf32"] == "0"
+    assert _providers.resolve_providers(["cuda"], use_tf32=True).options[0]["use_tf32"] == "1"
+
+
+def test_tf32_setting_in_force_is_reported_per_provider(monkeypatch):
+    from worldflux_onnx._providers import ProviderPlan
+    from worldflux_onnx.runtime import _tf32_in_force
+
+    monkeypatch.delenv("NVIDIA_TF32_OVERRIDE", raising=False)
+    cpu = ProviderPlan(["cpu"], [{}], 0)
+    cuda = ProviderPlan(["cuda", "cpu"], [{}, {}], 0)
+    trt = ProviderPlan(["tensorrt", "cuda", "cpu"], [{}, {}, {}], 0)
+    assert _tf32_in_force(cpu, True) is False
+    assert _tf32_in_force(cuda, False) is False and _tf32_in_force(cuda, True) is True
+    # TensorRT has no switch in ONNX Runtime: its builder allows TF32 by default.
+    assert _tf32_in_force(trt, False) == {"cuda": False, "tensorrt": True}
+    monkeypatch.setenv("NVIDIA_TF32_OVERRIDE", "0")
+    assert _tf32_in_force(cuda, True) is False
+    assert _tf32_in_force(trt, True) == {"cuda": False, "tensorrt": False}
+
+
+def test_cpu_model_reports_tf32_off_to_the_parity_checker(toy):
+    from worldflux_registry.parity._check import _side_info
+
+    model = registry.load(toy.directory, device="cpu", use_tf32=True)
+    assert model.tf32 is False
+    assert _side_info(model)["tf32"] is False
+
+
+# -- results are the caller's own ---------------------------------------------------------------
+def _step_inputs(contract, batch, seed):
+    gen = torch.Generator().manual_seed(seed)
+    obs = make_observations(contract, (batch,), gen)
+    return (
+        encode_input(obs, make_noise(contract, "encode", (batch,), gen)),
+        make_actions(contract, (batch,), gen),
+        noise_conditions(make_noise(contract, "transition", (batch,), gen)),
+    )
+
+
+def test_a_returned_state_never_changes_under_its_holder(toy):
+    """CPU results are ORT's own fresh buffers: later calls must not write into them."""
+    contract = toy.model.io_contract()
+    obs, action, cond = _step_inputs(contract, 3, seed=0)
+    first = toy.onnx.encode(obs)
+    kept = {k: v.clone() for k, v in first.tensors.items()}
+    after = toy.onnx.transition(first, action, cond)
+    kept_after = {k: v.clone() for k, v in after.tensors.items()}
+    decoded = toy.onnx.decode(after)
+    kept_pred = {k: v.clone() for k, v in decoded.predictions.items()}
+    for seed in (1, 2):  # same shapes, other values: any reused buffer would be overwritten
+        other_obs, other_action, other_cond = _step_inputs(contract, 3, seed)
+        other = toy.onnx.encode(other_obs)
+        toy.onnx.decode(toy.onnx.transition(other, other_action, other_cond))
+        assert not torch.equal(other["latent"], kept["latent"])
+    for held, copy in ((first, kept), (after, kept_after)):
+        for key, value in copy.items():
+            assert torch.equal(held[key], value), key
+    for key, value in kept_pred.items():
+        assert torch.equal(decoded[key], value), key
+    pointers = {v.data_ptr() for v in (*first.tensors.values(), *after.tensors.values())}
+    assert len(pointers) == len(first.tensors) + len(after.tensors)
+
+
+def test_editing_a_returned_state_in_place_leaves_the_model_alone(toy):
+    contract = toy.model.io_contract()
+    obs, action, cond = _step_inputs(contract, 2, seed=5)
+    state = toy.onnx.encode(obs)
+    before = toy.onnx.transition(state, action, cond)
+    expected = {k: v.clone() for k, v in before.tensors.items()}
+    for value in (*state.tensors.values(), *before.tensors.values()):
+        if value.is_floating_point():
+            value.add_(1000.0)
+        else:
+            value.zero_()
+    again = toy.onnx.transition(toy.onnx.encode(obs), action, cond)
+    assert_agree("transition after edits", contract.state, expected, again.tensors, 0.0)
+
+
+def test_rollout_states_and_predictions_are_distinct_per_step(toy):
+    contract = toy.model.io_contract()
+    gen = torch.Generator().manual_seed(4)
+    obs = make_observations(contract, (2,), gen)
+    actions = make_actions(contract, (5, 2), gen)
+    cond = noise_conditions(make_noise(contract, "transition", (5, 2), gen))
+    with torch.no_grad():
+        start = toy.model.encode(encode_input(obs, make_noise(contract, "encode", (2,), gen)))
+        ref = toy.model.rollout(start, actions, cond)
+    got = toy.onnx.rollout(start, actions, cond)
+    assert len(got.states) == 6 and got.states[0] is start
+    for t in range(1, 6):
+        assert_agree(f"state {t}", contract.state, ref.states[t].tensors, got.states[t].tensors)
+    assert_agree("rollout", contract.predictions, ref.predictions, got.predictions, 1e-5)
+    got.states[1]["latent"].fill_(7.0)  # a held step state is its own memory
+    assert not torch.equal(got.states[2]["latent"], got.states[1]["latent"])
+
+
 # -- GPU (skipped without CUDA + onnxruntime-gpu) ----------------------------------------------
 @pytest.mark.gpu
 @needs_cuda
@@ -254,6 +357,9 @@ def test_cuda_provider_matches_torch_on_the_same_gpu(toy, cuda_graph):
     model = toy.model.to("cuda")
     onnx_model = load_artifact(toy.directory, providers=["cuda"], cuda_graph=cuda_graph)
     assert onnx_model.device.type == "cuda"
+    assert onnx_model.tf32 is False
+    cuda_options = onnx_model.sessions["encode"].get_provider_options()["CUDAExecutionProvider"]
+    assert cuda_options["use_tf32"] == "0"
     contract = model.io_contract()
     for batch in (1, 3, 17, 3):  # the repeated size replays its captured graph
         gen = torch.Generator().manual_seed(batch)
@@ -264,6 +370,9 @@ def test_cuda_provider_matches_torch_on_the_same_gpu(toy, cuda_graph):
         got = onnx_model.encode(encode_input(obs, noise))
         assert got["deter"].device.type == "cuda"
         assert_agree(f"cuda encode b={batch}", contract.state, ref.tensors, got.tensors, 1e-4)
+        held = got["deter"].clone()
+        onnx_model.encode(encode_input({k: v + 1 for k, v in obs.items()}, noise))
+        assert torch.equal(got["deter"], held)  # a replay's buffers are copied out, not lent
 
 
 @pytest.mark.gpu

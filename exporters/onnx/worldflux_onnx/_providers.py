@@ -81,13 +81,15 @@ def resolve_providers(
     cache_dir: Path | None = None,
     trt_fp16: bool = False,
     cuda_graph: bool = False,
+    use_tf32: bool = False,
 ) -> ProviderPlan:
     """Turn ``providers`` into ORT providers with options, checking that they can run here.
 
     ``"auto"``: TensorRT, then CUDA, when onnxruntime-gpu, a GPU and (for TensorRT) its libraries
     are present, always ending with CPU; a provider that cannot run is skipped with a warning
     when onnxruntime-gpu lists it. An explicit list (``["cuda", "cpu"]``) raises `BackendError`
-    for any provider that cannot run, naming what is missing.
+    for any provider that cannot run, naming what is missing. ``use_tf32`` sets the CUDA
+    provider's option of that name (always written, so ORT's default of on never applies).
     """
     import onnxruntime as ort
 
@@ -121,7 +123,7 @@ def resolve_providers(
             )
     if "cpu" not in names:
         names.append("cpu")
-    options = [_options(n, device_id, cache_dir, trt_fp16, cuda_graph) for n in names]
+    options = [_options(n, device_id, cache_dir, trt_fp16, cuda_graph, use_tf32) for n in names]
     return ProviderPlan(names, options, device_id)
 
 
@@ -146,12 +148,18 @@ def _install_hint(name: str) -> str:
 
 
 def _options(
-    name: str, device_id: int, cache_dir: Path | None, trt_fp16: bool, cuda_graph: bool
+    name: str,
+    device_id: int,
+    cache_dir: Path | None,
+    trt_fp16: bool,
+    cuda_graph: bool,
+    use_tf32: bool,
 ) -> dict[str, Any]:
     if name == "cpu":
         return {}
     if name == "cuda":
-        opts: dict[str, Any] = {"device_id": device_id}
+        # ORT parses provider options from strings: "1"/"0", not Python's "True"/"False".
+        opts: dict[str, Any] = {"device_id": device_id, "use_tf32": "1" if use_tf32 else "0"}
         if cuda_graph:
             opts["enable_cuda_graph"] = "1"
         return opts

@@ -59,6 +59,7 @@ def load_artifact(
     session_options: Any = None,
     device: str | torch.device | None = None,
     dtype: Any = None,
+    use_tf32: bool = False,
 ) -> OnnxWorldModel:
     """Load an ONNX export directory as an `OnnxWorldModel`, verifying it first.
 
@@ -78,6 +79,11 @@ def load_artifact(
             ``"cuda"`` / ``"cuda:N"`` means ``["cuda", "cpu"]`` on device N (when ``providers``
             is left at ``"auto"``).
         dtype: Not supported (the precision is fixed at export time); must be None.
+        use_tf32: The CUDA provider's ``use_tf32`` option: let fp32 MatMul/Gemm/Conv use TF32
+            tensor cores (Ampere and later). Off by default, like torch's fp32 matmuls, so an
+            fp32 export is compared and timed against torch without TF32 on either side. The
+            model reports what applies in its ``tf32`` attribute. TensorRT has no such option
+            in ONNX Runtime: it uses TF32 unless ``NVIDIA_TF32_OVERRIDE=0`` is set.
 
     Raises:
         ExportError: a missing, tampered or future-format artifact (the message says which).
@@ -134,6 +140,7 @@ def load_artifact(
         cache_dir=Path(trt_cache_dir) if trt_cache_dir else directory / "trt_cache",
         trt_fp16=precision == "fp16" if trt_fp16 is None else trt_fp16,
         cuda_graph=cuda_graph,
+        use_tf32=use_tf32,
     )
     if plan.on_gpu:
         # ORT then runs on torch's stream: no extra synchronisation between the two.
@@ -179,16 +186,20 @@ def load_artifact(
                 graph=graph,
             )
         sessions[graph] = session
-    return OnnxWorldModel(directory, manifest, contract, sessions, plan, cuda_graph=cuda_graph)
+    return OnnxWorldModel(
+        directory, manifest, contract, sessions, plan, cuda_graph=cuda_graph, use_tf32=use_tf32
+    )
 
 
 class OnnxWorldModel(WorldModel):
     """A world model whose steps run as ONNX Runtime sessions, one per exported graph.
 
     It implements the same protocol as the torch model: ``encode``, ``transition``, ``update``,
-    ``decode`` and ``rollout`` take and return torch tensors and `State`s. On CPU tensors go
-    through numpy without copies; on CUDA inputs and outputs are bound in place (IOBinding on
-    torch CUDA tensors) and a rollout writes every step straight into its stacked output buffers.
+    ``decode`` and ``rollout`` take and return torch tensors and `State`s. On CPU inputs go to
+    ONNX Runtime as numpy views and its freshly allocated results come back as tensors sharing
+    their memory (no copy either way; a returned tensor is never reused by a later call). On
+    CUDA inputs and outputs are bound in place (IOBinding on torch CUDA tensors) and a rollout
+    writes every step straight into its stacked output buffers.
     Stochastic steps take their noise from ``wf.noise.<name>`` condition extras (with a leading
     time axis in ``rollout``), else sample it with torch. It holds no parameters: ``loss``
     raises `CapabilityError`.
@@ -203,6 +214,7 @@ class OnnxWorldModel(WorldModel):
         plan: ProviderPlan,
         *,
         cuda_graph: bool = False,
+        use_tf32: bool = False,
     ) -> None:
         super().__init__()
         self.directory = directory
@@ -217,6 +229,9 @@ class OnnxWorldModel(WorldModel):
         self.plan = plan
         self._contract = contract
         self._signatures = {g: signature(contract, g) for g in sessions}
+        self._graphs = {g: _GraphRun(self._signatures[g], s, contract) for g, s in sessions.items()}
+        self._state_ports = tuple((k, f"state.{k}") for k in contract.state_keys)
+        self.tf32 = _tf32_in_force(plan, use_tf32)
         declared = set()
         for value in manifest.get("capabilities", ()):
             try:
@@ -257,7 +272,7 @@ class OnnxWorldModel(WorldModel):
         """The ``.onnx`` file that runs ``graph``."""
         if graph not in self.manifest["graphs"]:
             raise CapabilityError(f"this export has no {graph!r} graph", graph=graph)
-        return self.directory / self.manifest["graphs"][graph]["file"]
+        return self.directory / str(self.manifest["graphs"][graph]["file"])
 
     def io_contract(self) -> IOContract:
         """The contract recorded in the export's manifest."""
@@ -268,8 +283,7 @@ class OnnxWorldModel(WorldModel):
         """Encode observation to latent state (ONNX ``encode`` graph)."""
         observations, conditions = self.observations(obs)
         inputs = {f"obs.{k}": v for k, v in observations.items()}
-        out = self._step("encode", inputs, conditions, deterministic)
-        return self._state(out)
+        return State(self._step("encode", inputs, conditions, deterministic))
 
     def transition(
         self,
@@ -281,7 +295,7 @@ class OnnxWorldModel(WorldModel):
         """Predict next state (ONNX ``transition`` graph)."""
         inputs = self._state_inputs(state)
         self._add_action(inputs, action)
-        return self._state(self._step("transition", inputs, conditions, deterministic))
+        return State(self._step("transition", inputs, conditions, deterministic))
 
     def update(
         self,
@@ -297,12 +311,11 @@ class OnnxWorldModel(WorldModel):
         self._add_action(inputs, action)
         inputs.update({f"obs.{k}": v for k, v in observations.items()})
         conditions = conditions if conditions is not None else obs_conditions
-        return self._state(self._step("update", inputs, conditions, deterministic))
+        return State(self._step("update", inputs, conditions, deterministic))
 
     def decode(self, state: State, conditions: ConditionPayload | None = None) -> ModelOutput:
         """Decode latent state to predictions (ONNX ``decode`` graph)."""
-        out = self._step("decode", self._state_inputs(state), conditions, False)
-        return ModelOutput({name.split(".", 1)[1]: value for name, value in out.items()})
+        return ModelOutput(self._step("decode", self._state_inputs(state), conditions, False))
 
     def rollout(
         self,
@@ -314,9 +327,10 @@ class OnnxWorldModel(WorldModel):
     ) -> Trajectory:
         """Roll out ``transition`` + ``decode`` over ``[T, batch, ...]`` actions.
 
-        Every step writes into preallocated ``[T, batch, ...]`` buffers on the runtime's device
-        (in place on CUDA), so the rollout makes no host round trip. Noise extras may carry a
-        leading time axis, as for the torch model.
+        The rollout stays on the runtime's device: on CUDA every step writes in place into
+        preallocated ``[T, batch, ...]`` buffers; on CPU each step's results are kept as
+        returned and stacked once at the end. Noise extras may carry a leading time axis, as
+        for the torch model.
         """
         if mode != "autoregressive":
             raise CapabilityError(
@@ -330,23 +344,36 @@ class OnnxWorldModel(WorldModel):
         actions = actions.to(self.device)
         steps = int(actions.shape[0])
         batch = _batch_of(self._state_inputs(initial_state))
-        trans = self._signatures["transition"]
-        dec = self._signatures["decode"]
-        state_buf = {p.name: self._empty(p, (steps, batch)) for p in trans.outputs}
-        pred_buf = {p.name: self._empty(p, (steps, batch)) for p in dec.outputs}
+        trans = self._graphs["transition"]
+        dec = self._graphs["decode"]
+        in_place = self._runner.in_place
+        state_buf: dict[str, Tensor] = {}
+        pred_buf: dict[str, Tensor] = {}
+        if in_place:
+            state_buf = trans.empty_outputs((steps, batch), self.device)
+            pred_buf = dec.empty_outputs((steps, batch), self.device)
+        pred_steps: list[dict[str, Tensor]] = []
         state = initial_state
         states = [initial_state]
         for t in range(steps):
             step_conditions = step_slice(self._contract, conditions, t)
             inputs = self._state_inputs(state)
             self._add_action(inputs, actions[t])
-            out = {name: buf[t] for name, buf in state_buf.items()}
-            self._step("transition", inputs, step_conditions, deterministic, out)
-            state = self._state(out)
+            out = {k: buf[t] for k, buf in state_buf.items()} if in_place else None
+            state = State(self._step("transition", inputs, step_conditions, deterministic, out))
             states.append(state)
-            pred_out = {name: buf[t] for name, buf in pred_buf.items()}
-            self._step("decode", self._state_inputs(state), step_conditions, False, pred_out)
-        predictions = {name.split(".", 1)[1]: value for name, value in pred_buf.items()}
+            pred_out = {k: buf[t] for k, buf in pred_buf.items()} if in_place else None
+            pred = self._step("decode", self._state_inputs(state), step_conditions, False, pred_out)
+            pred_steps.append(pred)
+        if in_place:
+            predictions = pred_buf
+        else:
+            predictions = {
+                key: torch.stack([p[key] for p in pred_steps])
+                if pred_steps
+                else torch.empty((0, batch, *rest), dtype=dtype)
+                for key, rest, dtype in dec.output_layout
+            }
         return Trajectory(
             states=states,
             actions=actions,
@@ -365,12 +392,14 @@ class OnnxWorldModel(WorldModel):
 
     # -- plumbing --------------------------------------------------------------------------
     def _state_inputs(self, state: State) -> dict[str, Tensor]:
-        missing = [k for k in self._contract.state_keys if k not in state.tensors]
-        if missing:
+        tensors = state.tensors
+        try:
+            return {port: tensors[key] for key, port in self._state_ports}
+        except KeyError:
+            missing = [k for k, _ in self._state_ports if k not in tensors]
             raise ContractError(
                 f"state is missing keys {missing}", hint="compare with io_contract().state"
-            )
-        return {f"state.{k}": state.tensors[k] for k in self._contract.state_keys}
+            ) from None
 
     def _add_action(self, inputs: dict[str, Tensor], action: ActionLike) -> None:
         if self._contract.action is None:
@@ -380,13 +409,6 @@ class OnnxWorldModel(WorldModel):
             raise ContractError("this model takes an action; none was given")
         inputs["action"] = tensor
 
-    def _state(self, out: Mapping[str, Tensor]) -> State:
-        return State({name.split(".", 1)[1]: value for name, value in out.items()})
-
-    def _empty(self, port: Any, lead: tuple[int, ...]) -> Tensor:
-        shape = (*lead, *port.spec.concrete_shape(batch=1)[1:])
-        return torch.empty(shape, dtype=getattr(torch, port.spec.dtype), device=self.device)
-
     def _step(
         self,
         graph: str,
@@ -395,33 +417,44 @@ class OnnxWorldModel(WorldModel):
         deterministic: bool,
         out: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        self.require(_GRAPH_CAPS[graph])
-        sig = self._signatures[graph]
+        """Run ``graph``; return its outputs keyed by contract name (written into ``out``
+        when given, else fresh tensors that no later call touches)."""
+        run = self._graphs.get(graph)
+        if run is None:
+            self.require(_GRAPH_CAPS[graph])
+            raise CapabilityError(f"this export has no {graph!r} graph", graph=graph)
         batch = _batch_of(inputs)
-        if sig.noise and deterministic:
-            raise CapabilityError(
-                f"the exported {graph} graph is stochastic and takes its noise as input; it has "
-                "no deterministic mode",
-                hint="pass deterministic=False (noise from wf.noise.* extras or sampled)",
-                graph=graph,
-            )
-        for name in sig.noise:
-            inputs[f"noise.{name}"] = self.noise(name, conditions, batch, device=self.device)
+        if run.noise:
+            if deterministic:
+                raise CapabilityError(
+                    f"the exported {graph} graph is stochastic and takes its noise as input; it "
+                    "has no deterministic mode",
+                    hint="pass deterministic=False (noise from wf.noise.* extras or sampled)",
+                    graph=graph,
+                )
+            extras = conditions.extras if conditions is not None else None
+            for name, port, key, rest in run.noise:
+                given = extras.get(key) if extras else None
+                if (
+                    isinstance(given, Tensor)
+                    and given.dim() == len(rest) + 1
+                    and given.shape[0] == batch
+                    and given.shape[1:] == rest
+                ):
+                    inputs[port] = given
+                else:  # sampled, or a malformed extra that WorldModel.noise names
+                    inputs[port] = self.noise(name, conditions, batch, device=self.device)
         feed = {}
-        for port in sig.inputs:
-            value = inputs[port.name]
-            want = getattr(torch, port.spec.dtype)
+        for name, want in run.inputs:
+            value = inputs[name]
             if value.dtype != want:
                 if not (value.is_floating_point() and want.is_floating_point):
                     raise ContractError(
-                        f"{graph} input {port.name!r} has dtype {value.dtype}, expected {want}"
+                        f"{graph} input {name!r} has dtype {value.dtype}, expected {want}"
                     )
                 value = value.to(want)
-            feed[port.name] = value
-        if out is None:
-            out = {p.name: self._empty(p, (batch,)) for p in sig.outputs}
-        self._runner.run(self.sessions[graph], sig, feed, out, batch)
-        return out
+            feed[name] = value
+        return self._runner.run(run, feed, batch, out)
 
 
 def _batch_of(inputs: Mapping[str, Tensor]) -> int:
@@ -431,37 +464,94 @@ def _batch_of(inputs: Mapping[str, Tensor]) -> int:
     raise ContractError("cannot tell the batch size: every input is a scalar")
 
 
+def _tf32_in_force(plan: ProviderPlan, use_tf32: bool) -> bool | dict[str, bool]:
+    """Whether fp32 matmuls may run in TF32: False on CPU; the CUDA provider's ``use_tf32``;
+    TensorRT's builder default (on) unless ``NVIDIA_TF32_OVERRIDE=0``, which overrides both."""
+    if not plan.on_gpu:
+        return False
+    override_off = os.environ.get("NVIDIA_TF32_OVERRIDE") == "0"
+    cuda = use_tf32 and not override_off
+    if "tensorrt" not in plan.names:
+        return cuda
+    return {"cuda": cuda, "tensorrt": not override_off}
+
+
+class _GraphRun:
+    """One graph's session and what every call needs, worked out once at load."""
+
+    def __init__(self, sig: GraphSignature, session: Any, contract: IOContract) -> None:
+        self.graph = sig.graph
+        self.session = session
+        #: Graph inputs in order, each with the torch dtype it must have.
+        self.inputs = tuple((p.name, getattr(torch, p.spec.dtype)) for p in sig.inputs)
+        #: (noise name, graph input, condition key, shape after the batch dim)
+        self.noise = tuple(
+            (
+                n.name,
+                f"noise.{n.name}",
+                n.condition_key,
+                n.as_tensor_spec().concrete_shape(batch=1)[1:],
+            )
+            for n in contract.noise_for(sig.graph)
+        )
+        self.output_names = sig.output_names
+        self.output_keys = tuple(p.key for p in sig.outputs)
+        #: (contract key, shape after the batch dim, torch dtype) per output
+        self.output_layout = tuple(
+            (p.key, p.spec.concrete_shape(batch=1)[1:], getattr(torch, p.spec.dtype))
+            for p in sig.outputs
+        )
+
+    def empty_outputs(self, lead: tuple[int, ...], device: torch.device) -> dict[str, Tensor]:
+        """Uninitialised output tensors of shape ``(*lead, ...)``, keyed by contract name."""
+        return {
+            key: torch.empty((*lead, *rest), dtype=dtype, device=device)
+            for key, rest, dtype in self.output_layout
+        }
+
+
 class _Runner:
     device: torch.device
+    #: True when results are written into caller buffers (a rollout preallocates them).
+    in_place: bool
 
     def run(
-        self,
-        session: Any,
-        sig: GraphSignature,
-        feed: dict[str, Tensor],
-        out: dict[str, Tensor],
-        batch: int,
-    ) -> None:
+        self, graph: _GraphRun, feed: dict[str, Tensor], batch: int, out: dict[str, Tensor] | None
+    ) -> dict[str, Tensor]:
         raise NotImplementedError
 
 
 class _CpuRunner(_Runner):
-    """Host tensors through numpy views; results copied into the caller's buffers."""
+    """Host tensors in as numpy views; ORT's results out as tensors sharing their memory.
+
+    ``InferenceSession.run`` allocates every output afresh on each call, so a returned tensor
+    is owned by its caller alone: nothing is copied and nothing is reused.
+    """
 
     device = torch.device("cpu")
+    in_place = False
 
     def run(
-        self,
-        session: Any,
-        sig: GraphSignature,
-        feed: dict[str, Tensor],
-        out: dict[str, Tensor],
-        batch: int,
-    ) -> None:
-        arrays = {k: v.detach().cpu().contiguous().numpy() for k, v in feed.items()}
-        results = session.run(sig.output_names, arrays)
-        for name, value in zip(sig.output_names, results, strict=True):
-            out[name].copy_(torch.from_numpy(value))
+        self, graph: _GraphRun, feed: dict[str, Tensor], batch: int, out: dict[str, Tensor] | None
+    ) -> dict[str, Tensor]:
+        arrays = {}
+        for name, value in feed.items():
+            if not value.is_cpu:
+                value = value.cpu()
+            if value.requires_grad:
+                value = value.detach()
+            arrays[name] = value.contiguous().numpy()
+        results = graph.session.run(graph.output_names, arrays)
+        tensors = {}
+        for key, array in zip(graph.output_keys, results, strict=True):
+            if not array.flags.writeable:  # torch.from_numpy would warn; never seen from ORT
+                array = array.copy()
+            tensors[key] = torch.from_numpy(array)
+        if out is None:
+            return tensors
+        for key, value in tensors.items():
+            out[key].copy_(value)
+        return out
 
 
 class _CudaRunner(_Runner):
@@ -472,11 +562,13 @@ class _CudaRunner(_Runner):
     are copied into the fixed buffers and outputs copied out, on the device.
     """
 
+    in_place = True
+
     def __init__(self, device_id: int, cuda_graph: bool) -> None:
         self.device = torch.device("cuda", device_id)
         self.device_id = device_id
         self.cuda_graph = cuda_graph
-        # (graph, batch) -> (binding, input buffers, output buffers, run options)
+        # (graph, batch) -> (binding, input buffers, output buffers by ORT name, run options)
         self._captured: dict[tuple[str, int], tuple[Any, dict[str, Tensor], dict[str, Tensor], Any]]
         self._captured = {}
 
@@ -495,45 +587,40 @@ class _CudaRunner(_Runner):
         )
 
     def run(
-        self,
-        session: Any,
-        sig: GraphSignature,
-        feed: dict[str, Tensor],
-        out: dict[str, Tensor],
-        batch: int,
-    ) -> None:
+        self, graph: _GraphRun, feed: dict[str, Tensor], batch: int, out: dict[str, Tensor] | None
+    ) -> dict[str, Tensor]:
+        if out is None:
+            out = graph.empty_outputs((batch,), self.device)
         feed = {k: v.to(self.device, non_blocking=True).contiguous() for k, v in feed.items()}
         if self.cuda_graph:
-            self._replay(session, sig, feed, out, batch)
-            return
-        binding = session.io_binding()
+            self._replay(graph, feed, out, batch)
+            return out
+        binding = graph.session.io_binding()
         for name, value in feed.items():
             self._bind(binding, name, value, output=False)
         scratch = {}
-        for name, value in out.items():
+        for name, key in zip(graph.output_names, graph.output_keys, strict=True):
+            value = out[key]
             if not value.is_contiguous() or value.device != self.device:
-                scratch[name] = torch.empty(value.shape, dtype=value.dtype, device=self.device)
-            self._bind(binding, name, scratch.get(name, value), output=True)
-        session.run_with_iobinding(binding)
-        for name, value in scratch.items():
-            out[name].copy_(value)
+                scratch[key] = torch.empty(value.shape, dtype=value.dtype, device=self.device)
+            self._bind(binding, name, scratch.get(key, value), output=True)
+        graph.session.run_with_iobinding(binding)
+        for key, value in scratch.items():
+            out[key].copy_(value)
+        return out
 
     def _replay(
-        self,
-        session: Any,
-        sig: GraphSignature,
-        feed: dict[str, Tensor],
-        out: dict[str, Tensor],
-        batch: int,
+        self, graph: _GraphRun, feed: dict[str, Tensor], out: dict[str, Tensor], batch: int
     ) -> None:
         import onnxruntime as ort
 
-        key = (sig.graph, batch)
+        key = (graph.graph, batch)
         if key not in self._captured:
-            binding = session.io_binding()
+            binding = graph.session.io_binding()
             inputs = {k: torch.empty_like(v) for k, v in feed.items()}
             outputs = {
-                k: torch.empty(v.shape, dtype=v.dtype, device=self.device) for k, v in out.items()
+                name: torch.empty(out[k].shape, dtype=out[k].dtype, device=self.device)
+                for name, k in zip(graph.output_names, graph.output_keys, strict=True)
             }
             for name, value in inputs.items():
                 self._bind(binding, name, value, output=False)
@@ -541,12 +628,13 @@ class _CudaRunner(_Runner):
                 self._bind(binding, name, value, output=True)
             options = ort.RunOptions()
             # One captured graph per (session, batch size): ids are per session.
-            graph_id = sum(1 for g, _ in self._captured if g == sig.graph) + 1
+            graph_id = sum(1 for g, _ in self._captured if g == graph.graph) + 1
             options.add_run_config_entry("gpu_graph_id", str(graph_id))
             self._captured[key] = (binding, inputs, outputs, options)
         binding, inputs, outputs, options = self._captured[key]
         for name, value in feed.items():
             inputs[name].copy_(value)
-        session.run_with_iobinding(binding, options)
-        for name, value in outputs.items():
-            out[name].copy_(value)
+        graph.session.run_with_iobinding(binding, options)
+        # The captured buffers are overwritten by the next replay: copy out, never alias.
+        for name, k in zip(graph.output_names, graph.output_keys, strict=True):
+            out[k].copy_(outputs[name])
