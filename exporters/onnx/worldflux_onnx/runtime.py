@@ -231,7 +231,9 @@ class OnnxWorldModel(WorldModel):
         self._signatures = {g: signature(contract, g) for g in sessions}
         self._graphs = {g: _GraphRun(self._signatures[g], s, contract) for g, s in sessions.items()}
         self._state_ports = tuple((k, f"state.{k}") for k in contract.state_keys)
-        self.tf32 = _tf32_in_force(plan, use_tf32)
+        self.tf32: bool | dict[str, bool] = _tf32_in_force(plan, use_tf32)
+        """Whether fp32 matmuls may run in TF32 here: ``False`` on CPU, the ``use_tf32`` option
+        on CUDA, ``{"cuda": ..., "tensorrt": ...}`` when TensorRT leads."""
         declared = set()
         for value in manifest.get("capabilities", ()):
             try:
