@@ -42,6 +42,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/state_io.py
 	$(PY) benchmarks/registry_startup.py
+	$(PY) benchmarks/rollout_speed.py --device cpu
 
 clean:
 	rm -rf $(VENV) site build
