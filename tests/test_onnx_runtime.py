@@ -141,8 +141,53 @@ def test_loss_raises_capability_error(toy):
 
 def test_deterministic_steps_are_refused_on_stochastic_graphs(toy):
     obs = make_observations(toy.model.io_contract(), (2,), torch.Generator().manual_seed(0))
-    with pytest.raises(CapabilityError, match="no deterministic mode"):
+    with pytest.raises(CapabilityError, match=r"no deterministic 'encode\.mode' graph") as info:
         toy.onnx.encode(obs, deterministic=True)
+    assert "mode_graphs=True" in info.value.hint
+
+
+@pytest.fixture(scope="module")
+def toy_modes(tmp_path_factory):
+    return exported(tmp_path_factory, THIRD_PARTY, "random", mode_graphs=True)
+
+
+def test_mode_graphs_are_exported_for_stochastic_steps_only(toy_modes):
+    contract = toy_modes.model.io_contract()
+    graphs = json.loads((toy_modes.directory / "manifest.json").read_text())["graphs"]
+    stochastic = [g for g in ("encode", "transition", "update") if contract.noise_for(g)]
+    assert stochastic, "the toy family should have a stochastic step"
+    modes = sorted(g for g in graphs if g.endswith(".mode"))
+    assert modes == sorted(f"{g}.mode" for g in stochastic if g in graphs)
+    for name in modes:
+        entry = graphs[name]
+        assert entry["mode_of"] == name.removesuffix(".mode") and entry["noise"] == []
+        assert not any(i["name"].startswith("noise.") for i in entry["inputs"])
+        assert entry["file"] == f"{name}.onnx"
+
+
+def test_deterministic_steps_run_the_mode_graphs_and_match_torch(toy_modes):
+    model, onnx_model = toy_modes.model, toy_modes.onnx
+    contract = model.io_contract()
+    gen = torch.Generator().manual_seed(7)
+    obs = make_observations(contract, (3,), gen)
+    action = make_actions(contract, (3,), gen)
+    actions = make_actions(contract, (4, 3), gen)
+    with torch.no_grad():
+        ref = model.encode(obs, deterministic=True)
+        got = onnx_model.encode(obs, deterministic=True)
+        assert_agree("encode.mode", contract.state, ref.tensors, got.tensors)
+        ref_t = model.transition(ref, action, deterministic=True)
+        got_t = onnx_model.transition(ref, action, deterministic=True)
+        assert_agree("transition.mode", contract.state, ref_t.tensors, got_t.tensors)
+        if model.supports(Capability.UPDATE):
+            ref_u = model.update(ref, action, obs, deterministic=True)
+            got_u = onnx_model.update(ref, action, obs, deterministic=True)
+            assert_agree("update.mode", contract.state, ref_u.tensors, got_u.tensors)
+        ref_r = model.rollout(ref, actions, deterministic=True)
+        got_r = onnx_model.rollout(ref, actions, deterministic=True)
+    assert_agree("rollout mode", contract.predictions, ref_r.predictions, got_r.predictions)
+    torch.manual_seed(0)  # the sampling graphs are still there for deterministic=False
+    assert not torch.equal(onnx_model.encode(obs)["latent"], onnx_model.encode(obs)["latent"])
 
 
 def test_noise_is_sampled_when_not_given_and_used_when_given(toy):

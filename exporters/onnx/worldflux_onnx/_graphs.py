@@ -14,10 +14,15 @@ from worldflux_registry._payloads import ConditionPayload, WorldModelInput
 from worldflux_registry._state import State
 from worldflux_registry.errors import ExportError
 
-__all__ = ["ALL_GRAPHS", "GraphModule", "GraphSignature", "Port", "signature"]
+__all__ = ["ALL_GRAPHS", "MODE_SUFFIX", "GraphModule", "GraphSignature", "Port", "signature"]
 
 #: Graphs the exporter knows, in the order they are written.
 ALL_GRAPHS = ("encode", "transition", "update", "decode")
+#: ``<graph>.mode`` is the deterministic variant of a stochastic graph: the step with
+#: ``deterministic=True`` (the distribution's mode), without noise inputs.
+MODE_SUFFIX = ".mode"
+#: Graphs whose protocol step takes ``deterministic`` (``decode`` does not).
+MODE_GRAPHS = ("encode", "transition", "update")
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,16 @@ class GraphSignature:
     noise: tuple[str, ...]
 
     @property
+    def base(self) -> str:
+        """The protocol step: ``transition`` for both ``transition`` and ``transition.mode``."""
+        return self.graph.removesuffix(MODE_SUFFIX)
+
+    @property
+    def deterministic(self) -> bool:
+        """True for a ``<graph>.mode`` variant (run with ``deterministic=True``)."""
+        return self.graph.endswith(MODE_SUFFIX)
+
+    @property
     def input_names(self) -> list[str]:
         """Input names in graph order."""
         return [p.name for p in self.inputs]
@@ -62,15 +77,20 @@ class GraphSignature:
 
 
 def signature(contract: IOContract, graph: str) -> GraphSignature:
-    """The flat signature of ``graph`` under ``contract``."""
-    if graph not in ALL_GRAPHS:
+    """The flat signature of ``graph`` (or of its ``<graph>.mode`` variant) under ``contract``."""
+    mode = graph.endswith(MODE_SUFFIX)
+    full = graph
+    graph = graph.removesuffix(MODE_SUFFIX)
+    if graph not in ALL_GRAPHS or (mode and graph not in MODE_GRAPHS):
         raise ExportError(
-            f"unknown graph {graph!r}", hint="graphs: " + ", ".join(ALL_GRAPHS), graph=graph
+            f"unknown graph {full!r}",
+            hint="graphs: " + ", ".join([*ALL_GRAPHS, *(g + MODE_SUFFIX for g in MODE_GRAPHS)]),
+            graph=full,
         )
     obs = tuple(Port(f"obs.{s.name}", s) for s in contract.observations)
     state = tuple(Port(f"state.{s.name}", s) for s in contract.state)
     action = (Port("action", contract.action),) if contract.action is not None else ()
-    noise_specs = contract.noise_for(graph)
+    noise_specs = () if mode else contract.noise_for(graph)
     noise = tuple(Port(f"noise.{n.name}", n.as_tensor_spec()) for n in noise_specs)
     inputs: tuple[Port, ...]
     if graph == "encode":
@@ -86,7 +106,7 @@ def signature(contract: IOContract, graph: str) -> GraphSignature:
     else:
         # ONNX names are single-assignment: a state output cannot reuse its input's name.
         outputs = tuple(Port(f"new_state.{s.name}", s) for s in contract.state)
-    return GraphSignature(graph, inputs, outputs, tuple(n.name for n in noise_specs))
+    return GraphSignature(full, inputs, outputs, tuple(n.name for n in noise_specs))
 
 
 def required_capability(graph: str) -> Capability:
@@ -99,19 +119,21 @@ class GraphModule(nn.Module):
 
     Positional inputs follow ``sig.inputs``; the output tuple follows ``sig.outputs``. Stochastic
     steps run with ``deterministic=False`` and the explicit noise inputs, so the traced graph is a
-    deterministic function. ``half`` casts floating inputs to float16 and outputs back to float32.
+    deterministic function; a ``<graph>.mode`` signature runs the step with
+    ``deterministic=True`` and no noise. ``half`` casts floating inputs to float16 and outputs
+    back to float32.
     """
 
     def __init__(self, model: nn.Module, sig: GraphSignature, *, half: bool = False) -> None:
         super().__init__()
         self.model = model
         self.sig = sig
-        self.half = half
+        self.cast_half = half
 
     def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
         named = {}
         for port, value in zip(self.sig.inputs, args, strict=True):
-            if self.half and value.is_floating_point():
+            if self.cast_half and value.is_floating_point():
                 value = value.to(torch.float16)
             named[port.name] = value
         out = self._step(named)
@@ -134,7 +156,8 @@ class GraphModule(nn.Module):
     def _step(self, named: dict[str, Tensor]) -> dict[str, Tensor]:
         group = _groups(named)
         model: Any = self.model
-        graph = self.sig.graph
+        graph = self.sig.base
+        det = self.sig.deterministic
         conditions = (
             ConditionPayload({f"wf.noise.{k}": v for k, v in group["noise"].items()})
             if group["noise"]
@@ -142,14 +165,14 @@ class GraphModule(nn.Module):
         )
         action = named.get("action")
         if graph == "encode":
-            return dict(model.encode(WorldModelInput(group["obs"], conditions), False).tensors)
+            return dict(model.encode(WorldModelInput(group["obs"], conditions), det).tensors)
         state = State(group["state"])
         if graph == "transition":
-            return dict(model.transition(state, action, conditions, False).tensors)
+            return dict(model.transition(state, action, conditions, det).tensors)
         if graph == "update":
             return dict(
                 model.update(
-                    state, action, WorldModelInput(group["obs"], None), conditions, False
+                    state, action, WorldModelInput(group["obs"], None), conditions, det
                 ).tensors
             )
         return dict(model.decode(state, conditions).predictions)
@@ -171,7 +194,7 @@ def example_inputs(
     from worldflux_registry._inputs import make_actions, make_noise, make_tensor
 
     gen = torch.Generator().manual_seed(seed)
-    noise = make_noise(contract, sig.graph, (batch,), gen)
+    noise = make_noise(contract, sig.base, (batch,), gen) if sig.noise else {}
     values: list[Tensor] = []
     for port in sig.inputs:
         if port.name == "action":

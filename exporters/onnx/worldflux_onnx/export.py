@@ -29,6 +29,8 @@ from worldflux_registry.errors import ExportError
 
 from ._graphs import (
     ALL_GRAPHS,
+    MODE_GRAPHS,
+    MODE_SUFFIX,
     GraphModule,
     GraphSignature,
     check_graphs,
@@ -69,6 +71,7 @@ def export_model(
     progress: Progress | None = None,
     example_batch: int = EXAMPLE_BATCH,
     overwrite: bool = True,
+    mode_graphs: bool = False,
 ) -> Path:
     """Export ``model``'s graphs to ONNX files plus ``manifest.json`` in ``out_dir``.
 
@@ -82,6 +85,9 @@ def export_model(
             float32, normalisation layers float32).
         progress: Called as ``progress(graph, "start" | "done")``.
         example_batch: Batch of the tracing inputs (>= 2; the batch axis stays symbolic).
+        mode_graphs: Also export ``<graph>.mode`` for each selected ``encode``, ``transition``
+            or ``update`` graph that takes noise: the step run with ``deterministic=True``
+            (no noise inputs), which `OnnxWorldModel` runs for ``deterministic=True`` calls.
 
     Raises:
         ExportError: naming the graph, the operator or node at fault and the exporter's report.
@@ -117,7 +123,7 @@ def export_model(
         META_FINGERPRINT: fingerprint,
         META_FAMILY: str(family or ""),
         META_PRESET: str(preset or ""),
-        META_EXPORTER: _version("worldflux-onnx"),
+        META_EXPORTER: _version("worldflux-onnx") or "",
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -127,7 +133,12 @@ def export_model(
         model.eval()
         traced = _half_model(model) if precision == "fp16" else model
         entries: dict[str, Any] = {}
+        names: list[str] = []
         for graph in selected:
+            names.append(graph)
+            if mode_graphs and graph in MODE_GRAPHS and contract.noise_for(graph):
+                names.append(graph + MODE_SUFFIX)
+        for graph in names:
             if progress is not None:
                 progress(graph, "start")
             sig = signature(contract, graph)
@@ -141,6 +152,8 @@ def export_model(
                 example_batch,
                 half=precision == "fp16",
             )
+            if sig.deterministic:
+                entries[graph]["mode_of"] = sig.base
             if progress is not None:
                 progress(graph, "done")
         manifest = {
@@ -372,11 +385,11 @@ def _specialisation_sites(
     logger.addHandler(handler)
     try:
         # torch's own switch for shape-guard logs; reset to the defaults afterwards.
-        torch._logging.set_logs(dynamic=logging.INFO)
+        torch._logging.set_logs(dynamic=logging.INFO)  # type: ignore[attr-defined]
         with contextlib.suppress(Exception):
             _trace(wrapper, args)
     finally:
-        torch._logging.set_logs()
+        torch._logging.set_logs()  # type: ignore[attr-defined]
         logger.removeHandler(handler)
     sites = []
     for message in messages:

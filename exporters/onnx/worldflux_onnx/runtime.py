@@ -23,7 +23,7 @@ from worldflux_registry._payloads import (
 from worldflux_registry._state import State
 from worldflux_registry.errors import BackendError, CapabilityError, ContractError, ExportError
 
-from ._graphs import GraphSignature, signature
+from ._graphs import MODE_SUFFIX, GraphSignature, signature
 from ._manifest import META_FINGERPRINT, META_GRAPH, read_manifest, sha256_file
 from ._providers import ProviderPlan, resolve_providers
 
@@ -240,7 +240,7 @@ class OnnxWorldModel(WorldModel):
                 declared.add(Capability(value))
             except ValueError:
                 continue
-        graph_caps = {_GRAPH_CAPS[g] for g in sessions}
+        graph_caps = {_GRAPH_CAPS[s.base] for s in self._signatures.values()}
         declared -= {Capability.LOSS, *(_GRAPH_CAPS.values())}
         caps = declared | graph_caps
         if {Capability.TRANSITION, Capability.DECODE} <= caps:
@@ -426,14 +426,18 @@ class OnnxWorldModel(WorldModel):
             self.require(_GRAPH_CAPS[graph])
             raise CapabilityError(f"this export has no {graph!r} graph", graph=graph)
         batch = _batch_of(inputs)
-        if run.noise:
-            if deterministic:
+        if run.noise and deterministic:
+            mode = self._graphs.get(graph + MODE_SUFFIX)
+            if mode is None:
                 raise CapabilityError(
-                    f"the exported {graph} graph is stochastic and takes its noise as input; it "
-                    "has no deterministic mode",
-                    hint="pass deterministic=False (noise from wf.noise.* extras or sampled)",
+                    f"the exported {graph} graph is stochastic and takes its noise as input; "
+                    f"this export has no deterministic {graph + MODE_SUFFIX!r} graph",
+                    hint="pass deterministic=False (noise from wf.noise.* extras or sampled), "
+                    "or re-export with mode_graphs=True",
                     graph=graph,
                 )
+            run = mode
+        if run.noise:
             extras = conditions.extras if conditions is not None else None
             for name, port, key, rest in run.noise:
                 given = extras.get(key) if extras else None
@@ -494,7 +498,8 @@ class _GraphRun:
                 n.condition_key,
                 n.as_tensor_spec().concrete_shape(batch=1)[1:],
             )
-            for n in contract.noise_for(sig.graph)
+            for n in contract.noise_for(sig.base)
+            if n.name in sig.noise
         )
         self.output_names = sig.output_names
         self.output_keys = tuple(p.key for p in sig.outputs)
