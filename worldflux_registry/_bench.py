@@ -24,11 +24,13 @@ import platform
 import resource
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._torch_env import tf32 as use_tf32
+from ._torch_env import tf32_state, weights_from_onnx
 from .errors import BackendError, ConfigError
 
 if TYPE_CHECKING:
@@ -219,7 +221,7 @@ def environment() -> dict[str, Any]:
         "torch_interop_threads": torch.get_num_interop_threads(),
         "versions": versions,
         "cuda": None,
-        "tf32": _tf32_state(),
+        "tf32": tf32_state(),
         "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if torch.cuda.is_available():
@@ -244,37 +246,6 @@ def _cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
-
-
-def _tf32_state() -> dict[str, Any]:
-    import torch
-
-    return {
-        "torch.backends.cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-        "torch.backends.cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
-        "torch.get_float32_matmul_precision": torch.get_float32_matmul_precision(),
-    }
-
-
-@contextlib.contextmanager
-def _tf32(enabled: bool) -> Iterator[None]:
-    """Set torch's TF32 switches for the duration, then restore them."""
-    import torch
-
-    old = (
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-        torch.get_float32_matmul_precision(),
-    )
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
-    torch.set_float32_matmul_precision("high" if enabled else "highest")
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old[0]
-        torch.backends.cudnn.allow_tf32 = old[1]
-        torch.set_float32_matmul_precision(old[2])
 
 
 # -- memory -----------------------------------------------------------------------------------
@@ -630,7 +601,7 @@ def run(
         )
         bench.settings["loadavg_before"] = _loadavg()
         timers: list[_Timer] = []
-        with _tf32(tf32), torch.inference_mode():
+        with use_tf32(tf32), torch.inference_mode():
             for backend in backends:
                 for batch in batches:
                     result, timer = _prepare_backend(ctx, backend, batch)
@@ -704,44 +675,14 @@ def _reference_for_export(
     spec = registry.get(family)
     config = manifest.get("config") or spec.config(preset)
     model = registry.build(spec, config, preset=preset, device="cpu")
-    loaded, total = _weights_from_onnx(model, path)
+    missing = weights_from_onnx(model, path)
+    total = len(model.state_dict())
+    loaded = total - len(missing)
     return model, (
         f"{loaded} of {total} tensors read back from the export's ONNX initializers, the rest "
         f"(unused by the exported graphs, or folded by the exporter) at a seeded init "
         f"(torch.manual_seed({seed})); parity decides whether that reference is sound"
     )
-
-
-def _weights_from_onnx(model: WorldModel, path: Path) -> tuple[int, int]:
-    """Copy into ``model`` every parameter / buffer found as a same-shaped ONNX initializer.
-
-    The exporter names initializers after the module path of the wrapped model
-    (``model.<state_dict key>``). Returns ``(loaded, total)``.
-    """
-    import torch
-
-    try:
-        import onnx
-        from onnx import numpy_helper
-    except ImportError:
-        return 0, len(model.state_dict())
-    found: dict[str, Any] = {}
-    for onnx_file in sorted(path.glob("*.onnx")):
-        for init in onnx.load(str(onnx_file)).graph.initializer:
-            found.setdefault(init.name, init)
-    state = model.state_dict()
-    loaded = 0
-    with torch.no_grad():
-        for key, tensor in state.items():
-            hit = found.get("model." + key) or found.get(key)
-            if hit is None:
-                continue
-            array = numpy_helper.to_array(hit)
-            if tuple(array.shape) != tuple(tensor.shape):
-                continue
-            tensor.copy_(torch.from_numpy(array.copy()))
-            loaded += 1
-    return loaded, len(state)
 
 
 # -- per backend ------------------------------------------------------------------------------
@@ -882,7 +823,7 @@ def _bench_torch(ctx: _Context, result: BackendResult, device: str) -> _Timer:
     result.settings = {
         "mode": "eager, torch.inference_mode()",
         "threads": torch.get_num_threads(),
-        "tf32": _tf32_state(),
+        "tf32": tf32_state(),
     }
     return _time_model(ctx, result, ctx.torch_model(device), device, result.batch)
 
@@ -932,7 +873,7 @@ def _bench_torch_cudagraph(ctx: _Context, result: BackendResult) -> _Timer | Non
         "max_abs_error": worst,
         "tolerance": {"atol": atol, "rtol": rtol},
     }
-    result.settings = {"mode": "torch.cuda.CUDAGraph replay", "tf32": _tf32_state()}
+    result.settings = {"mode": "torch.cuda.CUDAGraph replay", "tf32": tf32_state()}
     if not result.parity["passed"]:
         result.status = "refused"
         result.reason = f"replay differs from eager by up to {worst:.3g} (atol = rtol = 1e-5)"
@@ -1042,7 +983,7 @@ def _bench_ort(ctx: _Context, result: BackendResult, backend: str) -> _Timer | N
         candidate = registry.load(ctx.export_dir, device=device, **options)
         ctx._candidates[backend] = candidate
     result.settings = {"loader_options": _printable(options), **_ort_session_facts(candidate)}
-    result.settings["tf32"] = _tf32_state()
+    result.settings["tf32"] = tf32_state()
     if device == "cuda":
         result.settings["ort_cuda_tf32"] = (
             options["use_tf32"]

@@ -184,7 +184,9 @@ def _reference(
     spec = registry.get(family)
     config = manifest.get("config") or spec.config(manifest.get("preset"))
     model = registry.build(spec, config, preset=manifest.get("preset"), device="cpu")
-    missing = _weights_from_export(model, export_dir)
+    from ._torch_env import weights_from_onnx
+
+    missing = weights_from_onnx(model, export_dir)
     if missing:
         raise ConfigError(
             f"cannot rebuild the torch model of {export_dir}: {len(missing)} parameters are "
@@ -195,36 +197,6 @@ def _reference(
         "no --reference: the torch model was rebuilt with weights read from the export itself, "
         "so this checks the graphs' computation but cannot catch corrupted weights"
     )
-
-
-def _weights_from_export(model: WorldModel, export_dir: Path) -> list[str]:
-    """Load ``model``'s tensors from same-named, same-shaped ONNX initializers.
-
-    Returns the names not found (then nothing is loaded).
-    """
-    import torch
-
-    try:
-        import onnx
-        from onnx import numpy_helper
-    except ImportError:
-        return ["(onnx is not installed)"]
-    found: dict[str, Any] = {}
-    for file in sorted(export_dir.glob("*.onnx")):
-        for init in onnx.load(str(file)).graph.initializer:
-            found.setdefault(init.name, init)
-    values: dict[str, torch.Tensor] = {}
-    missing = []
-    for key, tensor in model.state_dict().items():
-        hit = found.get(key) or next((v for k, v in found.items() if k.endswith("." + key)), None)
-        array = None if hit is None else numpy_helper.to_array(hit)
-        if array is None or tuple(array.shape) != tuple(tensor.shape):
-            missing.append(key)
-            continue
-        values[key] = torch.from_numpy(array.copy()).to(tensor.dtype)
-    if not missing:
-        model.load_state_dict(values)
-    return missing
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,6 +17,7 @@ from .._contract import Capability, IOContract, TensorSpec
 from .._inputs import encode_input, make_actions, make_noise, make_observations
 from .._payloads import ConditionPayload, ModelOutput
 from .._state import State
+from .._torch_env import tf32
 from ..errors import ParityError
 from ._localize import localize
 from ._metrics import Metrics, compare_arrays
@@ -165,7 +166,8 @@ def check(
         _device_of(candidate),
         notes=notes,
     )
-    with _tf32(strict_tf32), _eval_mode(reference, candidate), torch.no_grad():
+    strict = tf32(False) if strict_tf32 else contextlib.nullcontext()
+    with strict, _eval_mode(reference, candidate), torch.no_grad():
         ref_info = _side_info(reference)
         cand_info = _side_info(candidate)
         for batch in batch_sizes:
@@ -354,26 +356,6 @@ def _ort_tf32(model: Any) -> bool | None:
         return False if "TensorrtExecutionProvider" not in options else None
     value = cuda.get("use_tf32")
     return None if value is None else value not in ("0", "false", "False")
-
-
-@contextlib.contextmanager
-def _tf32(strict: bool) -> Iterator[None]:
-    if not strict:
-        yield
-        return
-    saved = (
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-        torch.get_float32_matmul_precision(),
-    )
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved[0]
-        torch.backends.cudnn.allow_tf32 = saved[1]
-        torch.set_float32_matmul_precision(saved[2])
 
 
 @contextlib.contextmanager

@@ -1,0 +1,71 @@
+"""Torch settings shared by parity and benchmarks: TF32 switches and weights read from exports."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._model import WorldModel
+
+__all__ = ["tf32", "tf32_state", "weights_from_onnx"]
+
+
+def tf32_state() -> dict[str, Any]:
+    """Torch's TF32 switches (cuBLAS matmul, cuDNN) as they stand."""
+    import torch
+
+    return {
+        "torch.backends.cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "torch.backends.cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+    }
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """Set torch's TF32 switches (cuBLAS matmul and cuDNN), then restore them.
+
+    Only the ``allow_tf32`` flags are touched: torch refuses to read its precision settings once
+    they were set through both its legacy and its newer API, so this never mixes the two.
+    """
+    import torch
+
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def weights_from_onnx(model: WorldModel, export_dir: Path) -> list[str]:
+    """Copy into ``model`` every tensor found as a same-shaped initializer of the export's graphs.
+
+    The exporter names initializers after the wrapped model's module path (``model.<key>``).
+    Returns the state-dict keys not found (unused by the exported graphs, or folded away);
+    those keep their current values.
+    """
+    import torch
+
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        return list(model.state_dict())
+    found: dict[str, Any] = {}
+    for file in sorted(Path(export_dir).glob("*.onnx")):
+        for init in onnx.load(str(file)).graph.initializer:
+            found.setdefault(init.name, init)
+    missing = []
+    with torch.no_grad():
+        for key, tensor in model.state_dict().items():
+            hit = found.get("model." + key) or found.get(key)
+            array = None if hit is None else numpy_helper.to_array(hit)
+            if array is None or tuple(array.shape) != tuple(tensor.shape):
+                missing.append(key)
+                continue
+            tensor.copy_(torch.from_numpy(array.copy()))
+    return missing
