@@ -438,3 +438,16 @@ def test_a_prediction_the_step_does_not_return_is_named(tmp_path):
     with pytest.raises(ExportError, match=r"decode\(\) returned no 'pred\.eig'") as info:
         export(Forgetful(), "onnx", tmp_path / "f", graphs=("decode",), check=False)
     assert info.value.graph == "decode" and info.value.output == "pred.eig"
+
+
+def test_cli_export_mode_graphs_adds_the_deterministic_variant(tmp_path, capsys):
+    from worldflux_registry._cli import main
+
+    out = tmp_path / "cli-mode"
+    args = ["export", THIRD_PARTY, "--out", str(out), "--graphs", "transition"]
+    assert main([*args, "--no-check", "--mode-graphs"]) == 0, capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["graphs"]) == {"transition", "transition.mode"}
+    mode = manifest["graphs"]["transition.mode"]
+    assert (out / mode["file"]).is_file()
+    assert not any(i["name"].startswith("noise.") for i in mode["inputs"])

@@ -29,6 +29,11 @@ def register(subparsers: Any) -> None:
         "(default: encode,transition,decode)",
     )
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument(
+        "--mode-graphs",
+        action="store_true",
+        help="also export '<graph>.mode' graphs: deterministic=True, no noise inputs",
+    )
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the parity check")
     p.set_defaults(func=_cmd_export)
 
@@ -77,6 +82,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             precision=args.precision,
             check=False,
             progress=on_graph,
+            **({"mode_graphs": True} if args.mode_graphs else {}),
         )
         if args.check:
             task = progress.add_task("parity check", total=1, state="running")
