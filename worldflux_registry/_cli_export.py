@@ -82,7 +82,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             precision=args.precision,
             check=False,
             progress=on_graph,
-            **({"mode_graphs": True} if args.mode_graphs else {}),
+            mode_graphs=args.mode_graphs,
         )
         if args.check:
             task = progress.add_task("parity check", total=1, state="running")
