@@ -73,6 +73,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
                 took = time.perf_counter() - started.get(graph, time.perf_counter())
                 progress.update(tasks[graph], completed=1, state=f"done in {took:.1f}s")
 
+        # Only options the user asked for: other exporters need not know ONNX's.
+        options: dict[str, Any] = {"mode_graphs": True} if args.mode_graphs else {}
         out = export(
             model,
             args.format,
@@ -82,7 +84,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             precision=args.precision,
             check=False,
             progress=on_graph,
-            mode_graphs=args.mode_graphs,
+            **options,
         )
         if args.check:
             task = progress.add_task("parity check", total=1, state="running")
