@@ -9,6 +9,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -97,6 +99,17 @@ def train_a_little(model: WorldModel, steps: int = 4, seed: int = 0) -> WorldMod
     return model.eval()
 
 
+def train_with_example_script(ref: str, out: Path, steps: int = 40) -> Path:
+    """Weights trained the way users train a ``ci`` preset: ``examples/train_ci.py``."""
+    family, preset = ref.split(":")
+    script = Path(__file__).resolve().parents[1] / "examples" / "train_ci.py"
+    args = [sys.executable, str(script), family, "--preset", preset, "--steps", str(steps)]
+    args += ["--episodes", "64", "--out", str(out)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
 def exported(tmp_path_factory, ref: str, weights: str, **export_options) -> Exported:
     """Export ``ref`` with ``weights`` ("random" or "trained") once per test run.
 
@@ -117,9 +130,12 @@ def exported(tmp_path_factory, ref: str, weights: str, **export_options) -> Expo
             seconds = float(timing.read_text())
         else:
             torch.manual_seed(0)
-            model = registry.load(ref)
-            if weights == "trained":
-                train_a_little(model)
+            if weights == "trained" and ref.endswith(":ci"):
+                model = registry.load(train_with_example_script(ref, root / tag / "trained"))
+            else:
+                model = registry.load(ref)
+                if weights == "trained":
+                    train_a_little(model)
             start = time.perf_counter()
             export(model, "onnx", out, graphs="all", check=False, **export_options)
             seconds = time.perf_counter() - start
