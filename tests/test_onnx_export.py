@@ -220,6 +220,15 @@ def test_every_graph_matches_torch_at_batch_1_3_and_17_through_one_file(pair):
     assert {p.name: p.stat().st_ino for p in pair.directory.glob("*.onnx")} == files
 
 
+@pytest.mark.parametrize("ref", REFERENCE_FAMILIES)
+def test_trained_weights_are_not_the_random_init(ref, tmp_path_factory):
+    random = exported(tmp_path_factory, ref, "random").model.state_dict()
+    trained = exported(tmp_path_factory, ref, "trained").model.state_dict()
+    assert random.keys() == trained.keys()
+    changed = [k for k in random if not torch.equal(random[k], trained[k])]
+    assert len(changed) > len(random) // 2, changed
+
+
 def test_update_graph_is_exported_for_families_that_support_it(pair):
     manifest = json.loads((pair.directory / "manifest.json").read_text())
     expected = {"encode", "transition", "decode"}
