@@ -20,6 +20,7 @@ from worldflux_registry._contract import IOContract
 from worldflux_registry._model import ActionLike, ObsLike, WorldModel
 from worldflux_registry._payloads import ConditionPayload, LossOutput, ModelOutput
 from worldflux_registry._state import State
+from worldflux_registry.errors import ConfigError, ContractError
 
 from . import spec
 
@@ -205,8 +206,6 @@ class DreamerV3WorldModel(WorldModel):
         full = {**spec.DEFAULTS, **config}
         unknown = sorted(set(config) - set(spec.DEFAULTS))
         if unknown:
-            from worldflux_registry.errors import ConfigError
-
             raise ConfigError(
                 f"unknown DreamerV3 config fields {unknown}",
                 hint="fields: " + ", ".join(sorted(spec.DEFAULTS)),
@@ -322,8 +321,6 @@ class DreamerV3WorldModel(WorldModel):
         }
 
     def _obs_tensors(self, obs: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        from worldflux_registry.errors import ContractError
-
         missing = [k for k in self.obs_keys if k not in obs]
         if missing:
             raise ContractError(
@@ -332,11 +329,6 @@ class DreamerV3WorldModel(WorldModel):
                 family=self.family,
             )
         return {k: obs[k] for k in self.obs_keys}
-
-    def _noise(
-        self, name: str, conditions: ConditionPayload | None, batch: int, device: torch.device
-    ) -> Tensor:
-        return self.noise(name, conditions, batch, device=device)
 
     # -- the protocol ------------------------------------------------------------------------
     def encode(self, obs: ObsLike, deterministic: bool = False) -> State:
@@ -368,8 +360,6 @@ class DreamerV3WorldModel(WorldModel):
         tensors, obs_conditions = self.observations(obs)
         act = self.action_tensor(action)
         if act is None:
-            from worldflux_registry.errors import ContractError
-
             raise ContractError("update() needs an action", family=self.family)
         return self._observe(
             state.tensors,
@@ -392,7 +382,7 @@ class DreamerV3WorldModel(WorldModel):
         noise = (
             None
             if deterministic
-            else self._noise("posterior", conditions, deter.shape[0], deter.device)
+            else self.noise("posterior", conditions, deter.shape[0], device=deter.device)
         )
         stoch, _ = self._posterior(deter, embed, noise)
         return State({"deter": deter, "stoch": stoch})
@@ -407,14 +397,12 @@ class DreamerV3WorldModel(WorldModel):
         """Prior (imagination) step: GRU step, then a sample of the prior (``wf.noise.prior``)."""
         act = self.action_tensor(action)
         if act is None:
-            from worldflux_registry.errors import ContractError
-
             raise ContractError("transition() needs an action", family=self.family)
         deter = self._core(state["deter"], state["stoch"], act.float())
         noise = (
             None
             if deterministic
-            else self._noise("prior", conditions, deter.shape[0], deter.device)
+            else self.noise("prior", conditions, deter.shape[0], device=deter.device)
         )
         stoch = self._sample(self.prior_logits(deter), noise)
         return State({"deter": deter, "stoch": stoch})
