@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._files import atomic_write
 from ._torch_env import tf32 as use_tf32
 from ._torch_env import tf32_state, weights_from_onnx
 from .errors import BackendError, ConfigError
@@ -1290,11 +1291,7 @@ def write(doc: Mapping[str, Any], json_path: str | Path | None, md_path: str | P
     for path, render in ((json_path, _json_text), (md_path, to_markdown)):
         if path is None:
             continue
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        tmp.write_text(render(doc), encoding="utf-8")
-        os.replace(tmp, target)
+        atomic_write(path, render(doc).encode("utf-8"))
 
 
 def check_backend_names(names: Sequence[str]) -> list[str]:

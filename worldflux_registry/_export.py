@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._files import atomic_write
 from .errors import ExportError
 
 if TYPE_CHECKING:
@@ -134,6 +135,4 @@ def _store_parity(out: Path, summary: Mapping[str, Any]) -> None:
         return
     manifest = json.loads(path.read_text(encoding="utf-8"))
     manifest["parity"] = dict(summary)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))

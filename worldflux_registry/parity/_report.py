@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from .._files import atomic_write
 from ..errors import ParityError
 from ._metrics import Metrics
 from ._tolerance import Tolerance
@@ -350,7 +350,7 @@ class ParityReport:
         """The report as JSON text; also written (atomically) to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=indent, allow_nan=False) + "\n"
         if path is not None:
-            _atomic_write(Path(path), text.encode("utf-8"))
+            atomic_write(path, text.encode("utf-8"))
         return text
 
     @classmethod
@@ -529,15 +529,3 @@ def _side_label(side: dict[str, Any]) -> str:
     if side.get("precision"):
         parts.append(str(side["precision"]))
     return " ".join(parts)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
