@@ -168,12 +168,12 @@ def _cmd_parity(args: argparse.Namespace) -> int:
 def _reference(
     args: argparse.Namespace, export_dir: Path, manifest: dict[str, Any]
 ) -> tuple[WorldModel, str | None]:
-    from ._registry import registry
+    from ._registry import is_path_ref, registry
 
     device = args.device or "cpu"
     if args.reference:
         ref = args.reference
-        if Path(ref).is_dir() and "/" not in ref and not ref.startswith("."):
+        if Path(ref).is_dir() and not is_path_ref(ref):
             ref = "./" + ref  # a bare directory name would read as a family name
         return registry.load(ref, device=device), None
     from .errors import ConfigError
