@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._files import atomic_write
+from ._torch_env import model_from_export, tf32_state
 from ._torch_env import tf32 as use_tf32
-from ._torch_env import tf32_state, weights_from_onnx
 from .errors import BackendError, ConfigError
 
 if TYPE_CHECKING:
@@ -664,19 +664,10 @@ def _reference_for_export(
 ) -> tuple[WorldModel, str]:
     import torch
 
-    from ._registry import registry
-
     if reference is not None:
         return _given_reference(reference)
-    family = manifest.get("family")
-    preset = manifest.get("preset")
-    if not family:
-        raise ConfigError(f"{path} has no family in its manifest", hint="pass --reference")
     torch.manual_seed(seed)
-    spec = registry.get(family)
-    config = manifest.get("config") or spec.config(preset)
-    model = registry.build(spec, config, preset=preset, device="cpu")
-    missing = weights_from_onnx(model, path)
+    model, missing = model_from_export(path, manifest)
     total = len(model.state_dict())
     loaded = total - len(missing)
     return model, (

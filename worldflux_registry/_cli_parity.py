@@ -176,17 +176,10 @@ def _reference(
         if Path(ref).is_dir() and not is_path_ref(ref):
             ref = "./" + ref  # a bare directory name would read as a family name
         return registry.load(ref, device=device), None
+    from ._torch_env import model_from_export
     from .errors import ConfigError
 
-    family = manifest.get("family")
-    if not family:
-        raise ConfigError(f"{export_dir} records no family", hint="pass --reference")
-    spec = registry.get(family)
-    config = manifest.get("config") or spec.config(manifest.get("preset"))
-    model = registry.build(spec, config, preset=manifest.get("preset"), device="cpu")
-    from ._torch_env import weights_from_onnx
-
-    missing = weights_from_onnx(model, export_dir)
+    model, missing = model_from_export(export_dir, manifest)
     if missing:
         raise ConfigError(
             f"cannot rebuild the torch model of {export_dir}: {len(missing)} parameters are "

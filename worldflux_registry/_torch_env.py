@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._model import WorldModel
 
-__all__ = ["tf32", "tf32_state", "weights_from_onnx"]
+__all__ = ["model_from_export", "tf32", "tf32_state", "weights_from_onnx"]
 
 
 def tf32_state() -> dict[str, Any]:
@@ -69,3 +69,28 @@ def weights_from_onnx(model: WorldModel, export_dir: Path) -> list[str]:
                 continue
             tensor.copy_(torch.from_numpy(array.copy()))
     return missing
+
+
+def model_from_export(
+    export_dir: Path, manifest: Mapping[str, Any]
+) -> tuple[WorldModel, list[str]]:
+    """Rebuild on CPU the family model an export was made from, with weights read back from it.
+
+    The family, preset and config come from the export's ``manifest``; weights go through
+    `weights_from_onnx`, whose list of state-dict keys not found is returned beside the model
+    (callers decide whether those may keep their fresh init). Raises `ConfigError` when the
+    manifest names no family.
+    """
+    from ._registry import registry
+    from .errors import ConfigError
+
+    family = manifest.get("family")
+    if not family:
+        raise ConfigError(
+            f"{export_dir} records no family in its manifest", hint="pass --reference"
+        )
+    preset = manifest.get("preset")
+    spec = registry.get(family)
+    config = manifest.get("config") or spec.config(preset)
+    model = registry.build(spec, config, preset=preset, device="cpu")
+    return model, weights_from_onnx(model, export_dir)
