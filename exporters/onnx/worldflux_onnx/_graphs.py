@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from worldflux_registry._contract import Capability, IOContract, TensorSpec
-from worldflux_registry._payloads import ConditionPayload, WorldModelInput
+from worldflux_registry._contract import IOContract, TensorSpec
+from worldflux_registry._inputs import noise_conditions
+from worldflux_registry._payloads import WorldModelInput
 from worldflux_registry._state import State
 from worldflux_registry.errors import ExportError
 
@@ -109,11 +110,6 @@ def signature(contract: IOContract, graph: str) -> GraphSignature:
     return GraphSignature(full, inputs, outputs, tuple(n.name for n in noise_specs))
 
 
-def required_capability(graph: str) -> Capability:
-    """The capability a model must advertise for ``graph`` to be exported."""
-    return Capability(graph)
-
-
 class GraphModule(nn.Module):
     """One protocol step of ``model`` as a function of flat tensors, for tracing.
 
@@ -158,11 +154,7 @@ class GraphModule(nn.Module):
         model: Any = self.model
         graph = self.sig.base
         det = self.sig.deterministic
-        conditions = (
-            ConditionPayload({f"wf.noise.{k}": v for k, v in group["noise"].items()})
-            if group["noise"]
-            else None
-        )
+        conditions = noise_conditions(group["noise"]) if group["noise"] else None
         action = named.get("action")
         if graph == "encode":
             return dict(model.encode(WorldModelInput(group["obs"], conditions), det).tensors)
