@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
@@ -79,7 +80,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         backends=args.backends,
         batches=args.batch,
         horizon=args.horizon,
-        reference=args.reference,
+        # --reference names a checkpoint directory: a bare name must not read as a family.
+        reference=Path(args.reference) if args.reference else None,
         export_dir=args.export_dir,
         device=args.device,
         seed=args.seed,
