@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from worldflux_registry import ConditionPayload, registry
+from worldflux_registry import registry
 
 
 def main() -> int:
@@ -55,6 +55,7 @@ def run(console: Console, args: argparse.Namespace, out: Path) -> None:
         make_actions,
         make_noise,
         make_observations,
+        noise_conditions,
     )
 
     ref = f"{args.family}:{args.preset}"
@@ -85,11 +86,10 @@ def run(console: Console, args: argparse.Namespace, out: Path) -> None:
     obs = make_observations(contract, (args.batch,), gen)
     first = make_noise(contract, "encode", (args.batch,), gen)
     actions = make_actions(contract, (args.horizon, args.batch), gen)
-    extras = {}
+    noise = {}
     for graph in ("transition", "decode"):
-        for name, value in make_noise(contract, graph, (args.horizon, args.batch), gen).items():
-            extras[f"wf.noise.{name}"] = value
-    conditions = ConditionPayload(extras) if extras else None
+        noise.update(make_noise(contract, graph, (args.horizon, args.batch), gen))
+    conditions = noise_conditions(noise) if noise else None
     with torch.no_grad():
         state = model.encode(encode_input(obs, first))
         model.rollout(state, actions[:2], None)  # warm-up: first calls pay one-off costs
