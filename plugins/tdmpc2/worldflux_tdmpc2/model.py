@@ -53,17 +53,14 @@ from worldflux_registry import (
     State,
     Trajectory,
     WorldModel,
-    WorldModelInput,
 )
+from worldflux_registry._model import ActionLike, ObsLike
 
 from . import spec
 
 __all__ = ["SimNorm", "TDMPC2WorldModel", "symexp", "symlog", "two_hot"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-
-ObsLike = Tensor | Mapping[str, Tensor] | WorldModelInput
-ActionLike = Tensor | ActionPayload | None
 
 
 def symlog(x: Tensor) -> Tensor:
