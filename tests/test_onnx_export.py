@@ -476,3 +476,12 @@ def test_cli_export_mode_graphs_adds_the_deterministic_variant(tmp_path, capsys)
     mode = manifest["graphs"]["transition.mode"]
     assert (out / mode["file"]).is_file()
     assert not any(i["name"].startswith("noise.") for i in mode["inputs"])
+
+
+def test_a_graph_the_model_does_not_advertise_is_refused(tmp_path):
+    class NoDecode(EigModel):
+        capabilities = frozenset({Capability.ENCODE, Capability.TRANSITION})
+
+    with pytest.raises(ExportError, match="does not advertise 'decode'") as info:
+        export(NoDecode(), "onnx", tmp_path / "nd", graphs=("decode",), check=False)
+    assert info.value.graph == "decode"

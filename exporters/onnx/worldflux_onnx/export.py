@@ -185,9 +185,8 @@ def _select_graphs(model: nn.Module, graphs: Sequence[str] | str) -> tuple[str, 
     supports = getattr(model, "supports", None)
 
     def ok(graph: str) -> bool:
-        if graph == "update":
-            return bool(supports("update")) if supports is not None else False
-        return True
+        # Every graph is a protocol step: export only the steps the model advertises.
+        return bool(supports(graph)) if supports is not None else graph != "update"
 
     if isinstance(graphs, str):
         if graphs == "all":
