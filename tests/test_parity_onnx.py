@@ -163,3 +163,22 @@ def test_cli_without_reference_rebuilds_from_the_export(exported, capsys):
     _, _, out = exported
     assert main(["parity", str(out), "--horizon", "2", "--batch", "2", "--mode", "step"]) == 0
     assert "cannot catch corrupted" in " ".join(capsys.readouterr().err.split())
+
+
+def test_cli_without_reference_runs_when_the_export_lacks_some_tensors(tmp_path, capsys):
+    # Only decode is exported: the encoder's weights are not in the export.
+    torch.manual_seed(0)
+    model = registry.load("toyfamily:tiny")
+    out = export(model, "onnx", tmp_path / "decode-only", graphs=("decode",), check=False)
+    report = tmp_path / "report.json"
+    code = main(["parity", str(out), "--horizon", "2", "--batch", "2", "--json", str(report)])
+    captured = capsys.readouterr()
+    err = " ".join(captured.err.split())
+    assert "keep a seeded init" in err
+    assert code == 0, captured.out
+    # Only the step both sides have is compared; rollouts need transition and decode.
+    data = json.loads(report.read_text())
+    assert data["settings"]["graphs"] == ["decode"]
+    assert {c["graph"] for c in data["steps"]} == {"decode"}
+    assert data["rollouts"] == []
+    assert any("skipped: rollouts need transition and decode" in n for n in data["notes"])

@@ -157,6 +157,15 @@ def check(
         modes = tuple(m for m in modes if m != "free_running")
         enforced = tuple(m for m in enforced if m != "free_running")
         notes.append("free_running skipped: the contract declares no action")
+    if not {"transition", "decode"} <= set(graphs):
+        rollouts = [m for m in modes if m in ("teacher_forced", "free_running")]
+        if rollouts:
+            modes = tuple(m for m in modes if m not in rollouts)
+            enforced = tuple(m for m in enforced if m not in rollouts)
+            notes.append(
+                f"{' and '.join(rollouts)} skipped: rollouts need transition and decode on "
+                f"both sides, and only {', '.join(graphs)} are shared"
+            )
     run = _Run(
         contract,
         outputs,
@@ -257,11 +266,18 @@ def _supports(model: Any, capability: Capability) -> bool:
 
 
 def _graphs(reference: Any, candidate: Any) -> tuple[str, ...]:
-    graphs = ["encode", "transition"]
-    if _supports(reference, Capability.UPDATE) and _supports(candidate, Capability.UPDATE):
-        graphs.append("update")
-    graphs.append("decode")
-    return tuple(graphs)
+    """The protocol steps both sides advertise (an export may hold only some graphs)."""
+    graphs = tuple(
+        g
+        for g in ("encode", "transition", "update", "decode")
+        if _supports(reference, Capability(g)) and _supports(candidate, Capability(g))
+    )
+    if not graphs:
+        raise ParityError(
+            "the reference and the candidate share no step (encode, transition, update, decode)",
+            hint="both must advertise the steps to compare in their class attribute 'capabilities'",
+        )
+    return graphs
 
 
 # -- the sides ------------------------------------------------------------------------------
@@ -536,28 +552,30 @@ def _step_mode(run: _Run, graphs: Sequence[str], batch: int, seed: int) -> None:
 
     enc_in = encode_input(obs, enc_noise)
     s0 = _call_reference("encode", lambda: ref.encode(_to(enc_in, rd)))
-    c0 = _call_candidate(run, "encode", lambda: cand.encode(_to(enc_in, cd)))
-    record(
-        "encode",
-        _feeds(obs=obs, noise=enc_noise),
-        _state_arrays(s0),
-        c0 if isinstance(c0, str) else _state_arrays(c0),
-    )
+    if "encode" in graphs:
+        c0 = _call_candidate(run, "encode", lambda: cand.encode(_to(enc_in, cd)))
+        record(
+            "encode",
+            _feeds(obs=obs, noise=enc_noise),
+            _state_arrays(s0),
+            c0 if isinstance(c0, str) else _state_arrays(c0),
+        )
 
     s0_cpu = s0.to("cpu")
     cond = _conditions(tr_noise)
     s1 = _call_reference("transition", lambda: ref.transition(s0, _to(action, rd), _to(cond, rd)))
-    c1 = _call_candidate(
-        run,
-        "transition",
-        lambda: cand.transition(_to(s0_cpu, cd), _to(action, cd), _to(cond, cd)),
-    )
-    record(
-        "transition",
-        _feeds(state=s0_cpu, action=action, noise=tr_noise),
-        _state_arrays(s1),
-        c1 if isinstance(c1, str) else _state_arrays(c1),
-    )
+    if "transition" in graphs:
+        c1 = _call_candidate(
+            run,
+            "transition",
+            lambda: cand.transition(_to(s0_cpu, cd), _to(action, cd), _to(cond, cd)),
+        )
+        record(
+            "transition",
+            _feeds(state=s0_cpu, action=action, noise=tr_noise),
+            _state_arrays(s1),
+            c1 if isinstance(c1, str) else _state_arrays(c1),
+        )
 
     if "update" in graphs:
         cond = _conditions(up_noise)
@@ -578,14 +596,15 @@ def _step_mode(run: _Run, graphs: Sequence[str], batch: int, seed: int) -> None:
 
     s1_cpu = s1.to("cpu")
     cond = _conditions(dec_noise)
-    p = _call_reference("decode", lambda: ref.decode(s1, _to(cond, rd)))
-    cp = _call_candidate(run, "decode", lambda: cand.decode(_to(s1_cpu, cd), _to(cond, cd)))
-    record(
-        "decode",
-        _feeds(state=s1_cpu, noise=dec_noise),
-        _pred_arrays(p),
-        cp if isinstance(cp, str) else _pred_arrays(cp),
-    )
+    if "decode" in graphs:
+        p = _call_reference("decode", lambda: ref.decode(s1, _to(cond, rd)))
+        cp = _call_candidate(run, "decode", lambda: cand.decode(_to(s1_cpu, cd), _to(cond, cd)))
+        record(
+            "decode",
+            _feeds(state=s1_cpu, noise=dec_noise),
+            _pred_arrays(p),
+            cp if isinstance(cp, str) else _pred_arrays(cp),
+        )
 
 
 def _rollout_modes(run: _Run, modes: Collection[str], batch: int, seed: int, horizon: int) -> None:
