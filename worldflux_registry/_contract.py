@@ -396,24 +396,6 @@ def _is_default(f: dataclasses.Field[Any], value: Any) -> bool:
     return False
 
 
-def example_dims(contract: IOContract, batch: int) -> dict[str, int]:
-    """Bindings for the symbolic dims of ``contract`` (only ``batch`` is supported today)."""
-    symbols = {
-        d
-        for group in (contract.observations, contract.state, contract.predictions)
-        for s in group
-        for d in s.shape
-        if isinstance(d, str)
-    }
-    unknown = symbols - {BATCH}
-    if unknown:
-        raise ContractError(
-            f"contract uses symbolic dims {sorted(unknown)} besides 'batch'",
-            hint="bind them explicitly with TensorSpec.concrete_shape",
-        )
-    return {BATCH: batch}
-
-
 def iter_specs(contract: IOContract) -> Iterable[tuple[str, TensorSpec]]:
     """Every tensor spec of ``contract`` with its group name."""
     for group in ("observations", "state", "predictions", "conditions", "targets"):
