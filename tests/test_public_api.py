@@ -40,6 +40,7 @@ EXPECTED = {
     "__version__",
     "contract_fingerprint",
     "export",
+    "functional",
     "hookimpl",
     "parity",
     "registry",

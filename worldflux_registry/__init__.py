@@ -37,7 +37,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from . import parity
+    from . import functional, parity
     from ._export import export
     from ._model import WorldModel
     from ._registry import Registry, registry
@@ -75,6 +75,7 @@ __all__ = [
     "__version__",
     "contract_fingerprint",
     "export",
+    "functional",
     "hookimpl",
     "parity",
     "registry",
@@ -87,6 +88,7 @@ _LAZY = {
     "registry": "._registry",
     "export": "._export",
     "hookimpl": ".hookspecs",
+    "functional": ".functional",
     "parity": ".parity",
 }
 
@@ -99,7 +101,7 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'worldflux_registry' has no attribute {name!r}")
-    if name == "parity":
+    if name in ("functional", "parity"):
         return importlib.import_module(module, __name__)
     return getattr(importlib.import_module(module, __name__), name)
 

@@ -21,20 +21,11 @@ from worldflux_registry._model import ActionLike, ObsLike, WorldModel
 from worldflux_registry._payloads import ConditionPayload, LossOutput, ModelOutput
 from worldflux_registry._state import State
 from worldflux_registry.errors import ConfigError, ContractError
+from worldflux_registry.functional import symexp, symlog, two_hot, two_hot_mean
 
 from . import spec
 
 __all__ = ["DreamerV3WorldModel", "symexp", "symlog"]
-
-
-def symlog(x: Tensor) -> Tensor:
-    """``sign(x) * log(1 + |x|)``."""
-    return torch.sign(x) * torch.log1p(torch.abs(x))
-
-
-def symexp(x: Tensor) -> Tensor:
-    """Inverse of `symlog`: ``sign(x) * (exp(|x|) - 1)``."""
-    return torch.sign(x) * torch.expm1(torch.abs(x))
 
 
 class RMSNorm(nn.Module):
@@ -413,14 +404,8 @@ class DreamerV3WorldModel(WorldModel):
 
     def _reward(self, feat: Tensor) -> tuple[Tensor, Tensor]:
         logits = self.rew_out(self.rew_net(feat))
-        probs = torch.softmax(logits, -1)
         # Symmetric sum (official trick): uniform probabilities give exactly zero.
-        n = int(self.bins.shape[0])
-        m = n // 2
-        lo = (probs[..., :m] * self.bins[:m]).flip(-1)
-        hi = probs[..., n - m :] * self.bins[n - m :]
-        mid = (probs[..., m : n - m] * self.bins[m : n - m]).sum(-1)
-        return symexp(mid + (lo + hi).sum(-1)), logits
+        return symexp(two_hot_mean(torch.softmax(logits, -1), self.bins)), logits
 
     def decode(self, state: State, conditions: ConditionPayload | None = None) -> ModelOutput:
         """Reconstructions (``"vector"``, ``"image"``), ``"reward"`` and ``"continue"``."""
@@ -439,14 +424,7 @@ class DreamerV3WorldModel(WorldModel):
     # -- training ----------------------------------------------------------------------------
     def _twohot(self, target: Tensor) -> Tensor:
         """Two-hot encoding of ``symlog(target)`` over the bins."""
-        x = torch.clamp(symlog(target), self.bins[0], self.bins[-1])
-        n = self.bins.shape[0]
-        below = (self.bins <= x.unsqueeze(-1)).sum(-1).clamp(1, n - 1) - 1
-        above = below + 1
-        lo, hi = self.bins[below], self.bins[above]
-        w_hi = ((x - lo) / (hi - lo)).clamp(0.0, 1.0)
-        out = F.one_hot(below, n) * (1.0 - w_hi).unsqueeze(-1)
-        return out + F.one_hot(above, n) * w_hi.unsqueeze(-1)
+        return two_hot(symlog(target), self.bins)
 
     def _kl(self, post_logits: Tensor, prior_logits: Tensor) -> Tensor:
         """KL(post || prior) of the unimix categoricals, summed over the latents."""

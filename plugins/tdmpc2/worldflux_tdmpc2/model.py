@@ -55,6 +55,7 @@ from worldflux_registry import (
     WorldModel,
 )
 from worldflux_registry._model import ActionLike, ObsLike
+from worldflux_registry.functional import symexp, symlog, two_hot_uniform
 
 from . import spec
 
@@ -63,31 +64,13 @@ __all__ = ["SimNorm", "TDMPC2WorldModel", "symexp", "symlog", "two_hot"]
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
-def symlog(x: Tensor) -> Tensor:
-    """``sign(x) * log(1 + |x|)``."""
-    return torch.sign(x) * torch.log1p(torch.abs(x))
-
-
-def symexp(x: Tensor) -> Tensor:
-    """Inverse of `symlog`."""
-    return torch.sign(x) * torch.expm1(torch.abs(x))
-
-
 def two_hot(x: Tensor, num_bins: int, vmin: float, vmax: float) -> Tensor:
     """Soft two-hot encoding of ``symlog(x)`` over ``num_bins`` bins spanning ``[vmin, vmax]``.
 
-    ``x`` has any shape; the bins are a new last axis.
+    ``x`` has any shape; the bins are a new last axis. TD-MPC2's ``two_hot``, built on
+    `worldflux_registry.functional.two_hot_uniform`.
     """
-    bin_size = (vmax - vmin) / (num_bins - 1)
-    pos = (torch.clamp(symlog(x), vmin, vmax) - vmin) / bin_size
-    low = torch.clamp(torch.floor(pos), 0, num_bins - 1)
-    frac = (pos - low).unsqueeze(-1)
-    low_idx = low.long().unsqueeze(-1)
-    # At vmax frac is 0, so the wrap-around to bin 0 (as in the official code) adds nothing.
-    high_idx = (low_idx + 1) % num_bins
-    out = torch.zeros(*x.shape, num_bins, dtype=x.dtype, device=x.device)
-    out = out.scatter(-1, low_idx, 1 - frac)
-    return out.scatter_add(-1, high_idx, frac)
+    return two_hot_uniform(symlog(x), num_bins, vmin, vmax)
 
 
 def soft_ce(logits: Tensor, target: Tensor, num_bins: int, vmin: float, vmax: float) -> Tensor:
