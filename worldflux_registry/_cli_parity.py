@@ -8,11 +8,11 @@ contract, a tolerance key naming no output).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._artifact import read_artifact_manifest
 from .errors import WorldFluxRegistryError
 
 if TYPE_CHECKING:
@@ -118,13 +118,10 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     out = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
     export_dir = Path(args.export_dir)
-    manifest_path = export_dir / "manifest.json"
-    if not manifest_path.is_file():
-        return _usage(err, f"{export_dir} is not an export directory (no manifest.json)")
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        return _usage(err, f"{manifest_path} is not readable JSON: {exc}")
+        manifest = read_artifact_manifest(export_dir)
+    except WorldFluxRegistryError as exc:
+        return _usage(err, str(exc))
     try:
         from . import parity
         from ._registry import registry

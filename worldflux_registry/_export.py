@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._artifact import MANIFEST_FILE, read_artifact_manifest
 from ._files import atomic_write
 from .errors import ExportError
 
@@ -130,9 +131,9 @@ def check_export(
 
 def _store_parity(out: Path, summary: Mapping[str, Any]) -> None:
     """Write ``summary`` as the manifest's ``parity`` entry (atomic replace of the file)."""
-    path = out / "manifest.json"
+    path = out / MANIFEST_FILE
     if not path.is_file():
         return
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest = read_artifact_manifest(out, ExportError)
     manifest["parity"] = dict(summary)
     atomic_write(path, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))

@@ -17,6 +17,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from ._artifact import MANIFEST_FILE, read_artifact_manifest
 from ._contract import Capability, IOContract
 from ._discovery import Discovery, PluginRecord, discover, resolve_target
 from ._spec import ExporterSpec, FamilySpec
@@ -356,7 +357,7 @@ class Registry:
             )
         from ._checkpoint import CONFIG_FILE, FORMAT, WEIGHTS_FILE, read_config
 
-        config_file, manifest_file = path / CONFIG_FILE, path / "manifest.json"
+        config_file, manifest_file = path / CONFIG_FILE, path / MANIFEST_FILE
         is_checkpoint = (path / WEIGHTS_FILE).is_file() or _json_format(config_file) == FORMAT
         if is_checkpoint or (config_file.is_file() and not manifest_file.is_file()):
             # read_config raises CheckpointError naming exactly what is wrong with the directory.
@@ -372,8 +373,8 @@ class Registry:
                 distribution=_opt_str(data.get("distribution")),
             )
         if manifest_file.is_file():
-            data = _read_json(manifest_file, ResolutionError)
-            fmt = data.get("format")
+            data = read_artifact_manifest(path)
+            fmt = data["format"]
             index = self._index()
             for exporter in index.exporters.values():
                 if exporter.artifact_format and exporter.artifact_format == fmt:
@@ -525,19 +526,6 @@ def _json_format(path: Path) -> Any:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return data.get("format") if isinstance(data, dict) else None
-
-
-def _read_json(path: Path, error: type[WorldFluxRegistryError]) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise error(
-            f"{path} is not readable JSON: {exc}",
-            hint="the directory is corrupt; save or export it again",
-        ) from None
-    if not isinstance(data, dict):
-        raise error(f"{path} holds {type(data).__name__}, not a JSON object")
-    return data
 
 
 #: The process-wide registry: entry-point plugins, discovered on first use.

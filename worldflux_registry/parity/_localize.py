@@ -3,13 +3,14 @@ whether the exported graph or the runtime executing it is to blame."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._artifact import read_artifact_manifest
+from ..errors import WorldFluxRegistryError
 from ._metrics import compare_arrays
 from ._report import CAUSES, GRAPHS, MODES, Localization, OutputCheck, RolloutCurve
 
@@ -38,10 +39,10 @@ def onnx_graph_file(candidate: Any, graph: str) -> Path | None:
     if not directory:
         return None
     try:
-        manifest = json.loads((Path(directory) / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        manifest = read_artifact_manifest(directory)
+    except WorldFluxRegistryError:
         return None
-    graphs = manifest.get("graphs") if isinstance(manifest, dict) else None
+    graphs = manifest.get("graphs")
     entry: Any = None
     if isinstance(graphs, Mapping):
         entry = graphs.get(graph)
