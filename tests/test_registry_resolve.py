@@ -223,3 +223,56 @@ def test_a_model_built_by_an_isolated_registry_knows_its_contract():
         assert model.contract_fingerprint() == registry.resolve("isolatedtoy").fingerprint
     finally:
         del sys.modules["tests_isolated_toy"]
+
+
+def test_a_built_model_keeps_its_spec_through_a_deep_copy():
+    import copy
+    import sys
+    import types
+    from types import MappingProxyType
+
+    from wf_fixture_good.model import ToyWorldModel
+    from wf_fixture_good.plugin import TOYFAMILY
+
+    # Read-only mappings, as a plugin may declare them: deepcopy cannot copy those.
+    spec = dataclasses.replace(
+        TOYFAMILY,
+        name="proxytoy",
+        aliases=(),
+        model="tests_proxy_toy:Model",
+        defaults=MappingProxyType(dict(TOYFAMILY.defaults)),
+        presets=MappingProxyType(
+            {k: MappingProxyType(dict(v)) for k, v in TOYFAMILY.presets.items()}
+        ),
+    )
+    module = types.ModuleType("tests_proxy_toy")
+
+    class Model(ToyWorldModel):
+        family = "proxytoy"
+        io_contract = ToyWorldModel.__mro__[1].io_contract
+
+    module.Model = Model
+    sys.modules["tests_proxy_toy"] = module
+    try:
+        registry = Registry(entry_points=False, plugins=[_plugin(spec)])
+        model = registry.load("proxytoy")
+        assert model.family_spec == registry.get("proxytoy")
+        twin = copy.deepcopy(model)
+        assert twin.family_spec is model.family_spec
+        twin._contract_cache = None  # recomputed from the shared spec, not the global registry
+        assert twin.io_contract() == model.io_contract()
+    finally:
+        del sys.modules["tests_proxy_toy"]
+
+
+def test_a_directly_built_model_finds_its_contract_in_the_global_registry():
+    from wf_fixture_good.model import ToyWorldModel
+
+    from worldflux_registry import WorldModel, registry
+
+    class Direct(ToyWorldModel):
+        io_contract = WorldModel.io_contract
+
+    model = Direct()
+    assert model.family_spec is None
+    assert model.io_contract() == registry.get("toyfamily").contract_for(model.config)

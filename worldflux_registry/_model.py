@@ -21,6 +21,7 @@ from ._payloads import (
     WorldModelInput,
     tensor_problems,
 )
+from ._spec import FamilySpec
 from ._state import State
 from .errors import CapabilityError, ContractError
 
@@ -45,6 +46,9 @@ class WorldModel(nn.Module, ABC):
     family: ClassVar[str | None] = None
     #: Capabilities every instance advertises.
     capabilities: ClassVar[frozenset[Capability]] = frozenset()
+    #: The `FamilySpec` this model was built from: set by `Registry.build` (so by
+    #: ``registry.load``), None for a model instantiated directly.
+    family_spec: FamilySpec | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -77,19 +81,29 @@ class WorldModel(nn.Module, ABC):
     def io_contract(self) -> IOContract:
         """Return runtime I/O contract.
 
-        Subclasses should override this when they have richer modality/state specs. The default
-        keeps backward compatibility for existing models: it asks the registered family spec
-        for the contract of ``self.config``.
+        The default asks the family spec for the contract of ``self.config``, once: the spec
+        is `family_spec` when the registry built the model, else the process-wide registry's
+        entry for `family`. Override it only when the contract comes from elsewhere (an ONNX
+        backend reads it from its manifest).
+
+        Raises:
+            ContractError: the class declares no ``family`` and was not built by a registry.
+            ResolutionError: ``family`` is not registered (install the distribution providing
+                it, or build the model with ``registry.load``).
         """
         if self._contract_cache is None:
-            if self.family is None:
-                raise ContractError(
-                    f"{type(self).__name__} declares no family and does not override io_contract()",
-                    hint="set the class attribute 'family' or override io_contract()",
-                )
-            from ._registry import registry
+            spec = self.family_spec
+            if spec is None:
+                if self.family is None:
+                    raise ContractError(
+                        f"{type(self).__name__} declares no family and does not override "
+                        "io_contract()",
+                        hint="set the class attribute 'family' or override io_contract()",
+                    )
+                from ._registry import registry
 
-            self._contract_cache = registry.get(self.family).contract_for(self.config)
+                spec = registry.get(self.family)
+            self._contract_cache = spec.contract_for(self.config)
         return self._contract_cache
 
     def contract_fingerprint(self) -> str:

@@ -445,7 +445,10 @@ class Registry:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
     ) -> WorldModel:
-        """Import ``spec.model`` now and build it from a full ``config`` (no weights loaded)."""
+        """Import ``spec.model`` now and build it from a full ``config`` (no weights loaded).
+
+        The model keeps ``spec`` as ``model.family_spec``, which its ``io_contract()`` reads.
+        """
         from ._model import WorldModel
 
         cls = resolve_target(
@@ -462,10 +465,11 @@ class Registry:
             )
         model = cls.from_config(dict(config))
         model.preset = preset
-        if getattr(model, "_contract_cache", True) is None:
-            # The base io_contract() asks the process-wide registry; a model built here (maybe
-            # by an isolated registry) gets its family's contract from the spec that built it.
-            model._contract_cache = spec.contract_for(dict(config))
+        # The base io_contract() reads it, so a model built by an isolated registry (whose
+        # family the process-wide one may not know) still has its contract.
+        model.family_spec = spec
+        # A family whose contract() is broken fails here, at load, not at first use.
+        model.io_contract()
         return _place(model, device, dtype).eval()
 
     def _load_artifact(

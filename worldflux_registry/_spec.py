@@ -76,6 +76,11 @@ class FamilySpec:
         )
         object.__setattr__(self, "aliases", tuple(self.aliases))
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> FamilySpec:
+        # Declared data, never mutated: a deep copy of a model (fp16 parity, benchmarks) shares
+        # the spec it was built from, whose mappings may be read-only proxies deepcopy refuses.
+        return self
+
     def validate(self) -> FamilySpec:
         """Raise `PluginError` naming the bad field; return self when valid."""
         _check_name("family", self.name)

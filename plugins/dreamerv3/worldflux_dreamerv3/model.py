@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from worldflux_registry._contract import IOContract
 from worldflux_registry._model import ActionLike, ObsLike, WorldModel
 from worldflux_registry._payloads import ConditionPayload, LossOutput, ModelOutput
 from worldflux_registry._state import State
@@ -244,13 +243,6 @@ class DreamerV3WorldModel(WorldModel):
         # Bins in symlog space, made exactly antisymmetric so the symmetric sum cancels.
         bins = torch.linspace(-20.0, 20.0, int(c["bins"]))
         self.register_buffer("bins", (bins - bins.flip(0)) / 2.0, persistent=False)
-
-    # -- contract ----------------------------------------------------------------------------
-    def io_contract(self) -> IOContract:
-        """The family contract of this model's config (same as ``FamilySpec.contract``)."""
-        if self._contract_cache is None:
-            self._contract_cache = spec.contract(self.config).validate()
-        return self._contract_cache
 
     # -- RSSM pieces -------------------------------------------------------------------------
     def _core(self, deter: Tensor, stoch: Tensor, action: Tensor) -> Tensor:

@@ -47,7 +47,6 @@ from worldflux_registry import (
     ConditionPayload,
     ConfigError,
     ContractError,
-    IOContract,
     LossOutput,
     ModelOutput,
     State,
@@ -244,12 +243,6 @@ class TDMPC2WorldModel(WorldModel):
         return self._two_hot_inv(self.q_logits(z, mean)).mean(0)
 
     # -- protocol ------------------------------------------------------------------------------
-    def io_contract(self) -> IOContract:
-        """The family contract for this model's config (no registry lookup needed)."""
-        if self._contract_cache is None:
-            self._contract_cache = spec.contract(self.config).validate()
-        return self._contract_cache
-
     def _vector(self, obs: ObsLike) -> Tensor:
         tensors, _ = self.observations(obs)
         if "vector" not in tensors:
