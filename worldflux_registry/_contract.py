@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Final
 
+from ._dims import dim as dim_of
 from .errors import ContractError
 
 __all__ = [
@@ -171,8 +172,7 @@ class TensorSpec:
                         hint=f"pass {dim}=<int>",
                     )
                 value = dims[dim]
-                # A SymInt (export tracing) stays symbolic: int() would specialise the batch.
-                out.append(value if type(value).__name__ == "SymInt" else int(value))
+                out.append(dim_of(value))
             else:
                 out.append(dim)
         return tuple(out)

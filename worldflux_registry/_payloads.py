@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ._dims import dim
 from .errors import ContractError
 
 if TYPE_CHECKING:
@@ -219,7 +220,7 @@ class Trajectory:
                 f"trajectory has {len(self.states)} states for {steps} actions",
                 hint="states hold the initial state plus one per action (T + 1)",
             )
-        batch = int(self.actions.shape[1]) if len(self.actions.shape) > 1 else None
+        batch = dim(self.actions.shape[1]) if len(self.actions.shape) > 1 else None
         for i, state in enumerate(self.states):
             size = state.batch_size
             if batch is not None and size is not None and size != batch:
@@ -233,7 +234,7 @@ class Trajectory:
                 raise ContractError(
                     f"trajectory {name} has {value.shape[0]} steps, expected {length}"
                 )
-            if batch is not None and len(value.shape) > 1 and int(value.shape[1]) != batch:
+            if batch is not None and len(value.shape) > 1 and dim(value.shape[1]) != batch:
                 raise ContractError(f"trajectory {name} has batch {value.shape[1]}, not {batch}")
 
     def __len__(self) -> int:

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ._dims import dim
 from .errors import ContractError
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ class State:
         """The shared leading dim of the tensors (None when every tensor is 0-dim or none)."""
         for tensor in self.tensors.values():
             if tensor.dim() > 0:
-                return int(tensor.shape[0])
+                return dim(tensor.shape[0])
         return None
 
     @property
