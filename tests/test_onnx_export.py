@@ -118,8 +118,14 @@ def exported(tmp_path_factory, ref: str, weights: str, **export_options) -> Expo
     """
     from worldflux_onnx.runtime import load_artifact
 
+    graphs = export_options.pop("graphs", "all")
     tag = "-".join(
-        [ref.replace(":", "_"), weights, *(f"{k}_{v}" for k, v in export_options.items())]
+        [
+            ref.replace(":", "_"),
+            weights,
+            *([] if graphs == "all" else ["+".join(graphs)]),
+            *(f"{k}_{v}" for k, v in export_options.items()),
+        ]
     )
     root = _shared_root(tmp_path_factory)
     out, ckpt = root / tag / "onnx", root / tag / "torch"
@@ -137,7 +143,7 @@ def exported(tmp_path_factory, ref: str, weights: str, **export_options) -> Expo
                 if weights == "trained":
                     train_a_little(model)
             start = time.perf_counter()
-            export(model, "onnx", out, graphs="all", check=False, **export_options)
+            export(model, "onnx", out, graphs=graphs, check=False, **export_options)
             seconds = time.perf_counter() - start
             model.save_pretrained(ckpt)
             timing.write_text(f"{seconds}\n")
@@ -476,6 +482,20 @@ def test_cli_export_mode_graphs_adds_the_deterministic_variant(tmp_path, capsys)
     mode = manifest["graphs"]["transition.mode"]
     assert (out / mode["file"]).is_file()
     assert not any(i["name"].startswith("noise.") for i in mode["inputs"])
+
+
+def test_cli_export_rollout_horizon_writes_the_fused_graph(tmp_path, capsys):
+    from worldflux_registry._cli import main
+
+    out = tmp_path / "cli-rollout"
+    args = ["export", THIRD_PARTY, "--out", str(out), "--graphs", "encode,rollout"]
+    assert main([*args, "--no-check", "--rollout-horizon", "2"]) == 0, capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["graphs"]) == {"encode", "rollout"}
+    assert manifest["graphs"]["rollout"]["horizon"] == 2
+    assert [p["shape"][0] for p in manifest["graphs"]["rollout"]["outputs"]] == [2] * len(
+        manifest["graphs"]["rollout"]["outputs"]
+    )
 
 
 def test_a_graph_the_model_does_not_advertise_is_refused(tmp_path):

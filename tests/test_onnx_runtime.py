@@ -392,6 +392,35 @@ def test_rollout_states_and_predictions_are_distinct_per_step(toy):
     assert not torch.equal(got.states[2]["latent"], got.states[1]["latent"])
 
 
+def test_cpu_io_binding_writes_in_place_and_agrees_with_the_numpy_path(toy):
+    """The IOBinding runner CUDA uses, run on CPU: same numbers, outputs in caller buffers."""
+    bound = _load(toy.directory, io_binding=True)
+    contract = toy.model.io_contract()
+    for batch in (1, 3):
+        obs, action, cond = _step_inputs(contract, batch, seed=batch)
+        want_state = toy.onnx.encode(obs)
+        got_state = bound.encode(obs)
+        assert_agree(f"encode b={batch}", contract.state, want_state.tensors, got_state.tensors, 0)
+        want = toy.onnx.transition(want_state, action, cond)
+        got = bound.transition(got_state, action, cond)
+        assert_agree(f"transition b={batch}", contract.state, want.tensors, got.tensors, 0)
+        want_pred = toy.onnx.decode(want).predictions
+        got_pred = bound.decode(got).predictions
+        assert_agree(f"decode b={batch}", contract.predictions, want_pred, got_pred, 0)
+    gen = torch.Generator().manual_seed(9)
+    actions = make_actions(contract, (4, 2), gen)
+    rollout_cond = noise_conditions(make_noise(contract, "transition", (4, 2), gen))
+    start = toy.onnx.encode(_step_inputs(contract, 2, seed=9)[0])
+    want_traj = toy.onnx.rollout(start, actions, rollout_cond)
+    got_traj = bound.rollout(start, actions, rollout_cond)
+    assert_agree("rollout", contract.predictions, want_traj.predictions, got_traj.predictions, 0)
+    # Every step wrote into one preallocated [T, batch, ...] buffer per state key.
+    key = contract.state[0].name
+    storages = {s.tensors[key].untyped_storage().data_ptr() for s in got_traj.states[1:]}
+    assert len(storages) == 1
+    assert got_traj.states[1].tensors[key].data_ptr() != got_traj.states[2].tensors[key].data_ptr()
+
+
 # -- GPU (skipped without CUDA + onnxruntime-gpu) ----------------------------------------------
 @pytest.mark.gpu
 @needs_cuda

@@ -25,8 +25,14 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--graphs",
         default="encode,transition,decode",
-        help="comma-separated graphs, or 'all' to add update where supported "
-        "(default: encode,transition,decode)",
+        help="comma-separated graphs, or 'all' to add update where supported; 'rollout' adds "
+        "the fused rollout graph (default: encode,transition,decode)",
+    )
+    p.add_argument(
+        "--rollout-horizon",
+        type=int,
+        metavar="N",
+        help="steps unrolled in the fused rollout graph (default: the exporter's, 16)",
     )
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     p.add_argument(
@@ -75,6 +81,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
         # Only options the user asked for: other exporters need not know ONNX's.
         options: dict[str, Any] = {"mode_graphs": True} if args.mode_graphs else {}
+        if args.rollout_horizon is not None:
+            options["rollout_horizon"] = args.rollout_horizon
         out = export(
             model,
             args.format,

@@ -8,7 +8,7 @@ from torch import Tensor
 from ._contract import IOContract, NoiseSpec, TensorSpec
 from ._payloads import ConditionPayload, WorldModelInput
 
-__all__ = ["make_actions", "make_noise", "make_observations", "make_tensor"]
+__all__ = ["make_actions", "make_noise", "make_noise_tensor", "make_observations", "make_tensor"]
 
 # Uniform noise stays off the ends: inverse-CDF and Gumbel transforms diverge at 0 and 1.
 _EPS = 1e-6
@@ -84,16 +84,17 @@ def make_noise(
     """Noise inputs of ``graph`` keyed by noise name, leading dims ``lead``."""
     out = {}
     for noise in contract.noise_for(graph):
-        out[noise.name] = _noise_tensor(noise, lead, generator, device)
+        out[noise.name] = make_noise_tensor(noise, lead, generator, device)
     return out
 
 
-def _noise_tensor(
+def make_noise_tensor(
     noise: NoiseSpec,
     lead: tuple[int, ...],
     generator: torch.Generator,
-    device: torch.device | str | None,
+    device: torch.device | str | None = None,
 ) -> Tensor:
+    """A seeded ``noise`` tensor with leading dims ``lead`` (uniform noise kept off 0 and 1)."""
     spec = noise.as_tensor_spec()
     if noise.distribution == "uniform":
         spec = TensorSpec(spec.name, spec.dtype, spec.shape, low=_EPS, high=1.0 - _EPS)

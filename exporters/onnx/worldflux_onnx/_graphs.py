@@ -2,23 +2,36 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from worldflux_registry._contract import IOContract, TensorSpec
+from worldflux_registry._contract import IOContract, NoiseSpec, TensorSpec
 from worldflux_registry._inputs import noise_conditions
 from worldflux_registry._payloads import WorldModelInput
 from worldflux_registry._state import State
 from worldflux_registry.errors import ExportError
 
-__all__ = ["ALL_GRAPHS", "MODE_SUFFIX", "GraphModule", "GraphSignature", "Port", "signature"]
+__all__ = [
+    "ALL_GRAPHS",
+    "MODE_SUFFIX",
+    "ROLLOUT",
+    "GraphModule",
+    "GraphSignature",
+    "Port",
+    "signature",
+]
 
-#: Graphs the exporter knows, in the order they are written.
+#: The protocol steps the exporter knows, in the order they are written.
 ALL_GRAPHS = ("encode", "transition", "update", "decode")
+#: The fused rollout graph: ``horizon`` transition + decode steps unrolled into one graph, so a
+#: runtime launches one session run (one CUDA-graph replay) per ``horizon`` steps.
+ROLLOUT = "rollout"
+#: Every graph name `check_graphs` accepts, in the order they are written.
+KNOWN_GRAPHS = (*ALL_GRAPHS, ROLLOUT)
 #: ``<graph>.mode`` is the deterministic variant of a stochastic graph: the step with
 #: ``deterministic=True`` (the distribution's mode), without noise inputs.
 MODE_SUFFIX = ".mode"
@@ -31,20 +44,30 @@ class Port:
     """One named graph input or output.
 
     Inputs are ``obs.<name>``, ``state.<key>``, ``action`` and ``noise.<name>``; outputs are
-    ``new_state.<key>`` (encode, transition, update) or ``pred.<key>`` (decode).
+    ``new_state.<key>`` (encode, transition, update) or ``pred.<key>`` (decode). The fused
+    ``rollout`` graph takes ``actions`` and ``noise.<name>`` and gives ``states.<key>`` and
+    ``pred.<key>`` with a fixed leading time axis (``lead``) before the batch axis.
     """
 
     name: str
     spec: TensorSpec
+    #: Fixed leading dims before the batch axis (``(horizon,)`` for time-major rollout ports).
+    lead: tuple[int, ...] = ()
 
     @property
     def key(self) -> str:
         """The name without its group prefix (the contract's name)."""
         return self.name.split(".", 1)[1] if "." in self.name else self.name
 
+    @property
+    def batch_axis(self) -> int:
+        """Index of the symbolic batch axis."""
+        return len(self.lead)
+
     def to_dict(self) -> dict[str, Any]:
         """Manifest form: name, dtype and symbolic shape."""
-        return {"name": self.name, "dtype": self.spec.dtype, "shape": list(self.spec.shape)}
+        shape = [*self.lead, *self.spec.shape]
+        return {"name": self.name, "dtype": self.spec.dtype, "shape": shape}
 
 
 @dataclass(frozen=True)
@@ -55,6 +78,8 @@ class GraphSignature:
     inputs: tuple[Port, ...]
     outputs: tuple[Port, ...]
     noise: tuple[str, ...]
+    #: Steps unrolled in the fused ``rollout`` graph (None for the protocol steps).
+    horizon: int | None = None
 
     @property
     def base(self) -> str:
@@ -77,8 +102,15 @@ class GraphSignature:
         return [p.name for p in self.outputs]
 
 
-def signature(contract: IOContract, graph: str) -> GraphSignature:
-    """The flat signature of ``graph`` (or of its ``<graph>.mode`` variant) under ``contract``."""
+def signature(contract: IOContract, graph: str, *, horizon: int | None = None) -> GraphSignature:
+    """The flat signature of ``graph`` (or of its ``<graph>.mode`` variant) under ``contract``.
+
+    ``horizon`` is required for the fused ``rollout`` graph and refused for the others.
+    """
+    if graph == ROLLOUT:
+        return _rollout_signature(contract, horizon)
+    if horizon is not None:
+        raise ExportError(f"graph {graph!r} takes no horizon", graph=graph)
     mode = graph.endswith(MODE_SUFFIX)
     full = graph
     graph = graph.removesuffix(MODE_SUFFIX)
@@ -110,14 +142,47 @@ def signature(contract: IOContract, graph: str) -> GraphSignature:
     return GraphSignature(full, inputs, outputs, tuple(n.name for n in noise_specs))
 
 
+def rollout_noise(contract: IOContract) -> tuple[NoiseSpec, ...]:
+    """Noise consumed by one rollout step: that of ``transition``, then ``decode``'s own."""
+    specs = list(contract.noise_for("transition"))
+    specs += [n for n in contract.noise_for("decode") if n not in specs]
+    return tuple(specs)
+
+
+def _rollout_signature(contract: IOContract, horizon: int | None) -> GraphSignature:
+    if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+        raise ExportError(
+            f"the fused rollout graph needs a horizon >= 1, got {horizon!r}",
+            hint="export(..., graphs=(..., 'rollout'), rollout_horizon=16)",
+            graph=ROLLOUT,
+        )
+    if contract.action is None:
+        raise ExportError(
+            "the fused rollout graph needs an action; this contract declares none",
+            graph=ROLLOUT,
+        )
+    lead = (horizon,)
+    state = tuple(Port(f"state.{s.name}", s) for s in contract.state)
+    action = (Port("actions", contract.action, lead),)
+    specs = rollout_noise(contract)
+    noise = tuple(Port(f"noise.{n.name}", n.as_tensor_spec(), lead) for n in specs)
+    outputs = tuple(Port(f"states.{s.name}", s, lead) for s in contract.state) + tuple(
+        Port(f"pred.{s.name}", s, lead) for s in contract.predictions
+    )
+    return GraphSignature(
+        ROLLOUT, state + action + noise, outputs, tuple(n.name for n in specs), horizon
+    )
+
+
 class GraphModule(nn.Module):
     """One protocol step of ``model`` as a function of flat tensors, for tracing.
 
     Positional inputs follow ``sig.inputs``; the output tuple follows ``sig.outputs``. Stochastic
     steps run with ``deterministic=False`` and the explicit noise inputs, so the traced graph is a
     deterministic function; a ``<graph>.mode`` signature runs the step with
-    ``deterministic=True`` and no noise. ``half`` casts floating inputs to float16 and outputs
-    back to float32.
+    ``deterministic=True`` and no noise. The ``rollout`` signature runs the model's own
+    ``rollout`` over its ``horizon`` (time-major noise extras, sliced per step by the model).
+    ``half`` casts floating inputs to float16 and outputs back to float32.
     """
 
     def __init__(self, model: nn.Module, sig: GraphSignature, *, half: bool = False) -> None:
@@ -135,14 +200,14 @@ class GraphModule(nn.Module):
         out = self._step(named)
         results = []
         for port in self.sig.outputs:
-            if port.key not in out:
+            if port.name not in out:
                 raise ExportError(
                     f"{self.sig.graph}() returned no {port.name!r} (got {sorted(out)})",
                     hint="the model's outputs must match its contract",
                     graph=self.sig.graph,
                     output=port.name,
                 )
-            value = out[port.key]
+            value = out[port.name]
             want = getattr(torch, port.spec.dtype)
             if value.dtype != want:
                 value = value.to(want)
@@ -150,24 +215,35 @@ class GraphModule(nn.Module):
         return tuple(results)
 
     def _step(self, named: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Run the step; its outputs keyed by port name."""
         group = _groups(named)
         model: Any = self.model
         graph = self.sig.base
         det = self.sig.deterministic
         conditions = noise_conditions(group["noise"]) if group["noise"] else None
         action = named.get("action")
+        if graph == ROLLOUT:
+            traj = model.rollout(State(group["state"]), named["actions"], conditions, False)
+            states = traj.states[1:]
+            out = {
+                f"states.{k}": torch.stack([s.tensors[k] for s in states]) for k in group["state"]
+            }
+            out.update({f"pred.{k}": v for k, v in (traj.predictions or {}).items()})
+            return out
         if graph == "encode":
-            return dict(model.encode(WorldModelInput(group["obs"], conditions), det).tensors)
-        state = State(group["state"])
-        if graph == "transition":
-            return dict(model.transition(state, action, conditions, det).tensors)
-        if graph == "update":
-            return dict(
-                model.update(
-                    state, action, WorldModelInput(group["obs"], None), conditions, det
-                ).tensors
-            )
-        return dict(model.decode(state, conditions).predictions)
+            result = model.encode(WorldModelInput(group["obs"], conditions), det).tensors
+        elif graph == "decode":
+            return _prefixed("pred", model.decode(State(group["state"]), conditions).predictions)
+        elif graph == "transition":
+            result = model.transition(State(group["state"]), action, conditions, det).tensors
+        else:
+            obs = WorldModelInput(group["obs"], None)
+            result = model.update(State(group["state"]), action, obs, conditions, det).tensors
+        return _prefixed("new_state", result)
+
+
+def _prefixed(prefix: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {f"{prefix}.{k}": v for k, v in tensors.items()}
 
 
 def _groups(named: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
@@ -183,30 +259,34 @@ def example_inputs(
     sig: GraphSignature, contract: IOContract, batch: int, seed: int = 0
 ) -> tuple[Tensor, ...]:
     """Seeded example inputs for ``sig`` (batch ``batch``) from the contract."""
-    from worldflux_registry._inputs import make_actions, make_noise, make_tensor
+    from worldflux_registry._inputs import make_actions, make_noise_tensor, make_tensor
 
     gen = torch.Generator().manual_seed(seed)
-    noise = make_noise(contract, sig.base, (batch,), gen) if sig.noise else {}
     values: list[Tensor] = []
     for port in sig.inputs:
-        if port.name == "action":
-            action = make_actions(contract, (batch,), gen)
+        lead = (*port.lead, batch)
+        if port.name in ("action", "actions"):
+            action = make_actions(contract, lead, gen)
             assert action is not None
             values.append(action)
         elif port.name.startswith("noise."):
-            values.append(noise[port.key])
+            values.append(make_noise_tensor(_noise_spec(contract, port.key), lead, gen))
         else:
-            values.append(make_tensor(port.spec, (batch,), gen))
+            values.append(make_tensor(port.spec, lead, gen))
     return tuple(values)
+
+
+def _noise_spec(contract: IOContract, name: str) -> NoiseSpec:
+    return next(n for n in contract.noise if n.name == name)
 
 
 def check_graphs(graphs: Sequence[str]) -> tuple[str, ...]:
     """Validate and de-duplicate graph names, keeping the canonical order."""
-    unknown = [g for g in graphs if g not in ALL_GRAPHS]
+    unknown = [g for g in graphs if g not in KNOWN_GRAPHS]
     if unknown:
         raise ExportError(
             f"unknown graphs {unknown}",
-            hint="choose from " + ", ".join(ALL_GRAPHS),
+            hint="choose from " + ", ".join(KNOWN_GRAPHS),
             graph=unknown[0],
         )
-    return tuple(g for g in ALL_GRAPHS if g in graphs)
+    return tuple(g for g in KNOWN_GRAPHS if g in graphs)

@@ -29,8 +29,10 @@ from worldflux_registry.errors import ExportError
 
 from ._graphs import (
     ALL_GRAPHS,
+    KNOWN_GRAPHS,
     MODE_GRAPHS,
     MODE_SUFFIX,
+    ROLLOUT,
     GraphModule,
     GraphSignature,
     check_graphs,
@@ -57,6 +59,8 @@ DEFAULT_OPSET = 18
 PRECISIONS = ("fp32", "fp16")
 #: Batch size of the example inputs: >= 2 so the exporter cannot specialise the batch to 1.
 EXAMPLE_BATCH = 2
+#: Steps unrolled in the fused ``rollout`` graph when none is asked for.
+DEFAULT_ROLLOUT_HORIZON = 16
 
 Progress = Callable[[str, str], None]
 
@@ -72,6 +76,7 @@ def export_model(
     example_batch: int = EXAMPLE_BATCH,
     overwrite: bool = True,
     mode_graphs: bool = False,
+    rollout_horizon: int = DEFAULT_ROLLOUT_HORIZON,
 ) -> Path:
     """Export ``model``'s graphs to ONNX files plus ``manifest.json`` in ``out_dir``.
 
@@ -80,7 +85,10 @@ def export_model(
         out_dir: Artifact directory; written atomically (temporary sibling, then rename). An
             existing export there is replaced; any other non-empty directory is refused.
         opset: ONNX opset (default `DEFAULT_OPSET`).
-        graphs: Graph names, or ``"all"`` for every graph the model's capabilities allow.
+        graphs: Graph names, or ``"all"`` for every protocol step the model's capabilities
+            allow. ``"rollout"`` (asked for by name) adds the fused rollout graph:
+            ``rollout_horizon`` transition + decode steps of the model's own ``rollout``,
+            unrolled into one graph that `OnnxWorldModel.rollout` runs once per horizon.
         precision: ``"fp32"`` or ``"fp16"`` (weights and compute in half, graph inputs and outputs
             float32, normalisation layers float32).
         progress: Called as ``progress(graph, "start" | "done")``.
@@ -88,6 +96,8 @@ def export_model(
         mode_graphs: Also export ``<graph>.mode`` for each selected ``encode``, ``transition``
             or ``update`` graph that takes noise: the step run with ``deterministic=True``
             (no noise inputs), which `OnnxWorldModel` runs for ``deterministic=True`` calls.
+        rollout_horizon: Steps unrolled in the ``rollout`` graph (fixed in the file; the batch
+            stays symbolic). Export time and graph size grow linearly with it.
 
     Raises:
         ExportError: naming the graph, the operator or node at fault and the exporter's report.
@@ -141,7 +151,7 @@ def export_model(
         for graph in names:
             if progress is not None:
                 progress(graph, "start")
-            sig = signature(contract, graph)
+            sig = signature(contract, graph, horizon=rollout_horizon if graph == ROLLOUT else None)
             entries[graph] = _export_graph(
                 traced,
                 sig,
@@ -154,6 +164,8 @@ def export_model(
             )
             if sig.deterministic:
                 entries[graph]["mode_of"] = sig.base
+            if sig.horizon is not None:
+                entries[graph]["horizon"] = sig.horizon
             if progress is not None:
                 progress(graph, "done")
         manifest = {
@@ -194,7 +206,7 @@ def _select_graphs(model: nn.Module, graphs: Sequence[str] | str) -> tuple[str, 
         graphs = [g.strip() for g in graphs.split(",") if g.strip()]
     selected = check_graphs(graphs)
     if not selected:
-        raise ExportError("no graph to export", hint="graphs: " + ", ".join(ALL_GRAPHS))
+        raise ExportError("no graph to export", hint="graphs: " + ", ".join(KNOWN_GRAPHS))
     for graph in selected:
         if not ok(graph):
             raise ExportError(
@@ -223,7 +235,7 @@ def _export_graph(
     path = tmp / f"{sig.graph}.onnx"
     start = time.perf_counter()
     try:
-        exported = _trace(wrapper, args)
+        exported = _trace(wrapper, args, sig)
     except ExportError:
         raise
     except Exception as exc:
@@ -239,11 +251,14 @@ def _export_graph(
             hint="every declared input must be used by the step (unused ones are dropped)",
             graph=sig.graph,
         )
-    _name_batch_axis(program.model.graph)
+    _name_batch_axis(program.model.graph, sig.inputs[0].batch_axis)
+    axes = {p.name: p.batch_axis for p in (*sig.inputs, *sig.outputs)}
     fixed = [
         v.name
         for v in (*program.model.graph.inputs, *program.model.graph.outputs)
-        if v.shape is not None and len(v.shape) > 0 and isinstance(v.shape[0], int)
+        if v.shape is not None
+        and len(v.shape) > axes.get(v.name, 0)
+        and isinstance(v.shape[axes.get(v.name, 0)], int)
     ]
     if fixed:
         raise ExportError(
@@ -277,14 +292,15 @@ def _export_graph(
     return entry
 
 
-def _name_batch_axis(graph: Any) -> None:
-    """Call the traced batch symbol (``s33``...) ``batch`` everywhere in the graph."""
+def _name_batch_axis(graph: Any, axis: int) -> None:
+    """Call the traced batch symbol (``s33``...) ``batch`` everywhere in the graph; ``axis`` is
+    the batch axis of the first input."""
     import onnx_ir as ir
 
     first = graph.inputs[0].shape if graph.inputs else None
-    if first is None or len(first) == 0 or not isinstance(first[0], ir.SymbolicDim):
+    if first is None or len(first) <= axis or not isinstance(first[axis], ir.SymbolicDim):
         return
-    symbol = first[0].value
+    symbol = first[axis].value
     if symbol is None or symbol == "batch":
         return
     values = [*graph.inputs, *graph.outputs]
@@ -315,14 +331,14 @@ def _quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _trace(wrapper: nn.Module, args: tuple[torch.Tensor, ...]) -> Any:
-    """``torch.export`` with a symbolic batch axis on every input.
+def _trace(wrapper: nn.Module, args: tuple[torch.Tensor, ...], sig: GraphSignature) -> Any:
+    """``torch.export`` with a symbolic batch axis on every input (after any fixed time axis).
 
     Done here rather than inside ``torch.onnx.export``, which falls back to static shapes when
     the batch cannot stay symbolic; we want that to fail, naming the line at fault.
     """
     batch = torch.export.Dim("batch", min=1)
-    dynamic = tuple({0: batch} for _ in args)
+    dynamic = tuple({port.batch_axis: batch} for port in sig.inputs)
     with _quiet(), torch.no_grad():
         return torch.export.export(wrapper, args, dynamic_shapes=(dynamic,), strict=False)
 
@@ -359,7 +375,7 @@ def _trace_failure(
             "Python control flow on tensor values",
             graph=sig.graph,
         )
-    sites = _specialisation_sites(wrapper, args)
+    sites = _specialisation_sites(wrapper, args, sig)
     where = "; ".join(f"{loc} ({guard})" for guard, loc in sites) or "an unknown line"
     return ExportError(
         f"graph {sig.graph!r} cannot keep a symbolic batch axis: the code fixes the batch size "
@@ -371,7 +387,7 @@ def _trace_failure(
 
 
 def _specialisation_sites(
-    wrapper: nn.Module, args: tuple[torch.Tensor, ...]
+    wrapper: nn.Module, args: tuple[torch.Tensor, ...], sig: GraphSignature
 ) -> list[tuple[str, str]]:
     messages: list[str] = []
 
@@ -386,7 +402,7 @@ def _specialisation_sites(
         # torch's own switch for shape-guard logs; reset to the defaults afterwards.
         torch._logging.set_logs(dynamic=logging.INFO)  # type: ignore[attr-defined]
         with contextlib.suppress(Exception):
-            _trace(wrapper, args)
+            _trace(wrapper, args, sig)
     finally:
         torch._logging.set_logs()  # type: ignore[attr-defined]
         logger.removeHandler(handler)

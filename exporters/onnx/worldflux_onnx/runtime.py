@@ -23,7 +23,7 @@ from worldflux_registry._payloads import (
 from worldflux_registry._state import State
 from worldflux_registry.errors import BackendError, CapabilityError, ContractError, ExportError
 
-from ._graphs import MODE_SUFFIX, GraphSignature, signature
+from ._graphs import MODE_SUFFIX, ROLLOUT, GraphSignature, signature
 from ._manifest import META_FINGERPRINT, META_GRAPH, read_manifest, sha256_file
 from ._providers import ProviderPlan, resolve_providers
 
@@ -45,6 +45,7 @@ _GRAPH_CAPS = {
     "transition": Capability.TRANSITION,
     "update": Capability.UPDATE,
     "decode": Capability.DECODE,
+    ROLLOUT: Capability.ROLLOUT,
 }
 
 
@@ -60,6 +61,8 @@ def load_artifact(
     device: str | torch.device | None = None,
     dtype: Any = None,
     use_tf32: bool = False,
+    fused_rollout: bool = True,
+    io_binding: bool = False,
 ) -> OnnxWorldModel:
     """Load an ONNX export directory as an `OnnxWorldModel`, verifying it first.
 
@@ -84,6 +87,11 @@ def load_artifact(
             fp32 export is compared and timed against torch without TF32 on either side. The
             model reports what applies in its ``tf32`` attribute. TensorRT has no such option
             in ONNX Runtime: it uses TF32 unless ``NVIDIA_TF32_OVERRIDE=0`` is set.
+        io_binding: On CPU, bind torch tensors with IOBinding and write results into
+            preallocated tensors, as on CUDA (always on there), instead of numpy views and
+            ORT-allocated results.
+        fused_rollout: Run ``rollout`` through the export's fused ``rollout`` graph when it has
+            one (False: leave that graph unloaded and roll out step by step, e.g. to compare).
 
     Raises:
         ExportError: a missing, tampered or future-format artifact (the message says which).
@@ -148,8 +156,18 @@ def load_artifact(
         for name, opts in zip(plan.names, plan.options, strict=True):
             if name in ("cuda", "tensorrt"):
                 opts["user_compute_stream"] = stream
+    horizon = graphs[ROLLOUT].get("horizon") if ROLLOUT in graphs else 1
+    if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+        raise ExportError(
+            f"{directory}/manifest.json records horizon {horizon!r} for the fused rollout "
+            "graph; expected an int >= 1",
+            hint="the manifest was edited or damaged; re-export the model",
+            graph=ROLLOUT,
+        )
     sessions: dict[str, Any] = {}
     for graph, entry in graphs.items():
+        if graph == ROLLOUT and not fused_rollout:
+            continue
         file = directory / entry["file"]
         try:
             session = ort.InferenceSession(
@@ -176,7 +194,7 @@ def load_artifact(
                 f"file {entry['file']} holds graph {meta.get(META_GRAPH)!r}, not {graph!r}",
                 graph=graph,
             )
-        expected = signature(contract, graph)
+        expected = signature(contract, graph, horizon=entry.get("horizon"))
         got_in = [i.name for i in session.get_inputs()]
         got_out = [o.name for o in session.get_outputs()]
         if got_in != expected.input_names or got_out != expected.output_names:
@@ -187,7 +205,14 @@ def load_artifact(
             )
         sessions[graph] = session
     return OnnxWorldModel(
-        directory, manifest, contract, sessions, plan, cuda_graph=cuda_graph, use_tf32=use_tf32
+        directory,
+        manifest,
+        contract,
+        sessions,
+        plan,
+        cuda_graph=cuda_graph,
+        use_tf32=use_tf32,
+        io_binding=io_binding,
     )
 
 
@@ -199,7 +224,8 @@ class OnnxWorldModel(WorldModel):
     ONNX Runtime as numpy views and its freshly allocated results come back as tensors sharing
     their memory (no copy either way; a returned tensor is never reused by a later call). On
     CUDA inputs and outputs are bound in place (IOBinding on torch CUDA tensors) and a rollout
-    writes every step straight into its stacked output buffers.
+    writes every step straight into its stacked output buffers. An export with the fused
+    ``rollout`` graph runs ``rollout`` one horizon per session call.
     Stochastic steps take their noise from ``wf.noise.<name>`` condition extras (with a leading
     time axis in ``rollout``), else sample it with torch. It holds no parameters: ``loss``
     raises `CapabilityError`.
@@ -215,6 +241,7 @@ class OnnxWorldModel(WorldModel):
         *,
         cuda_graph: bool = False,
         use_tf32: bool = False,
+        io_binding: bool = False,
     ) -> None:
         super().__init__()
         self.directory = directory
@@ -228,7 +255,10 @@ class OnnxWorldModel(WorldModel):
         self.sessions = dict(sessions)
         self.plan = plan
         self._contract = contract
-        self._signatures = {g: signature(contract, g) for g in sessions}
+        self._signatures = {
+            g: signature(contract, g, horizon=manifest["graphs"][g].get("horizon"))
+            for g in sessions
+        }
         self._graphs = {g: _GraphRun(self._signatures[g], s, contract) for g, s in sessions.items()}
         self._state_ports = tuple((k, f"state.{k}") for k in contract.state_keys)
         self.tf32: bool | dict[str, bool] = _tf32_in_force(plan, use_tf32)
@@ -245,11 +275,12 @@ class OnnxWorldModel(WorldModel):
         caps = declared | graph_caps
         if {Capability.TRANSITION, Capability.DECODE} <= caps:
             caps.add(Capability.ROLLOUT)
-        else:
-            caps.discard(Capability.ROLLOUT)
         self.capabilities = frozenset(caps)  # type: ignore[misc]
         if plan.on_gpu:
-            self._runner: _Runner = _CudaRunner(plan.device_id, cuda_graph)
+            device = torch.device("cuda", plan.device_id)
+            self._runner: _Runner = _BoundRunner(device, cuda_graph)
+        elif io_binding:
+            self._runner = _BoundRunner(torch.device("cpu"))
         else:
             self._runner = _CpuRunner()
 
@@ -329,9 +360,11 @@ class OnnxWorldModel(WorldModel):
     ) -> Trajectory:
         """Roll out ``transition`` + ``decode`` over ``[T, batch, ...]`` actions.
 
-        The rollout stays on the runtime's device: on CUDA every step writes in place into
-        preallocated ``[T, batch, ...]`` buffers; on CPU each step's results are kept as
-        returned and stacked once at the end. Noise extras may carry a leading time axis, as
+        With a fused ``rollout`` graph of horizon ``H`` (and ``deterministic=False``), every
+        full ``H`` steps are one session call; the remainder, and deterministic rollouts, run
+        step by step. The rollout stays on the runtime's device: on CUDA every call writes in
+        place into preallocated ``[T, batch, ...]`` buffers; on CPU results are kept as
+        returned and joined once at the end. Noise extras may carry a leading time axis, as
         for the torch model.
         """
         if mode != "autoregressive":
@@ -346,18 +379,49 @@ class OnnxWorldModel(WorldModel):
         actions = actions.to(self.device)
         steps = int(actions.shape[0])
         batch = _batch_of(self._state_inputs(initial_state))
-        trans = self._graphs["transition"]
-        dec = self._graphs["decode"]
+        fused = None if deterministic else self._graphs.get(ROLLOUT)
+        horizon = fused.horizon if fused is not None else 0
+        stepwise = not horizon or steps % horizon != 0
+        if stepwise and not {"transition", "decode"} <= set(self._graphs):
+            raise CapabilityError(
+                f"a rollout of {steps} steps (deterministic={deterministic}) needs the "
+                f"transition and decode graphs, which this export lacks",
+                hint=f"roll out a multiple of the fused horizon ({horizon}) with "
+                "deterministic=False, or re-export with transition and decode",
+            )
+        dec_layout = self._graphs[ROLLOUT if fused is not None else "decode"].pred_layout
         in_place = self._runner.in_place
         state_buf: dict[str, Tensor] = {}
         pred_buf: dict[str, Tensor] = {}
         if in_place:
-            state_buf = trans.empty_outputs((steps, batch), self.device)
-            pred_buf = dec.empty_outputs((steps, batch), self.device)
-        pred_steps: list[dict[str, Tensor]] = []
+            state_buf = _empty(
+                self._graphs[ROLLOUT if fused else "transition"].state_layout,
+                (steps, batch),
+                self.device,
+            )
+            pred_buf = _empty(dec_layout, (steps, batch), self.device)
+        pieces: dict[str, list[Tensor]] = {key: [] for key, _, _ in dec_layout}
         state = initial_state
         states = [initial_state]
-        for t in range(steps):
+        t = 0
+        while t < steps:
+            if fused is not None and steps - t >= horizon:
+                span = slice(t, t + horizon)
+                inputs = self._state_inputs(state)
+                inputs["actions"] = actions[span]
+                self._rollout_noise(fused, inputs, conditions, t, batch)
+                out = None
+                if in_place:
+                    out = {f"states.{k}": buf[span] for k, buf in state_buf.items()}
+                    out.update({f"pred.{k}": buf[span] for k, buf in pred_buf.items()})
+                result = self._run(fused, inputs, batch, out)
+                chunk = {k: result[f"states.{k}"] for k, _ in self._state_ports}
+                states.extend(State({k: v[i] for k, v in chunk.items()}) for i in range(horizon))
+                state = states[-1]
+                for key, values in pieces.items():
+                    values.append(result[f"pred.{key}"])
+                t += horizon
+                continue
             step_conditions = step_slice(self._contract, conditions, t)
             inputs = self._state_inputs(state)
             self._add_action(inputs, actions[t])
@@ -366,15 +430,17 @@ class OnnxWorldModel(WorldModel):
             states.append(state)
             pred_out = {k: buf[t] for k, buf in pred_buf.items()} if in_place else None
             pred = self._step("decode", self._state_inputs(state), step_conditions, False, pred_out)
-            pred_steps.append(pred)
+            for key, values in pieces.items():
+                values.append(pred[key].unsqueeze(0))
+            t += 1
         if in_place:
             predictions = pred_buf
         else:
             predictions = {
-                key: torch.stack([p[key] for p in pred_steps])
-                if pred_steps
+                key: (pieces[key][0] if len(pieces[key]) == 1 else torch.cat(pieces[key]))
+                if pieces[key]
                 else torch.empty((0, batch, *rest), dtype=dtype)
-                for key, rest, dtype in dec.output_layout
+                for key, rest, dtype in dec_layout
             }
         return Trajectory(
             states=states,
@@ -383,6 +449,39 @@ class OnnxWorldModel(WorldModel):
             continues=predictions.get("continue"),
             predictions=predictions,
         )
+
+    def _rollout_noise(
+        self,
+        run: _GraphRun,
+        inputs: dict[str, Tensor],
+        conditions: ConditionPayload | None,
+        t: int,
+        batch: int,
+    ) -> None:
+        """Noise ``[horizon, batch, ...]`` for the fused graph from step ``t``: sliced from
+        time-major extras, repeated from per-step ones, else sampled."""
+        horizon = run.horizon
+        extras = conditions.extras if conditions is not None else {}
+        for name, port, key, rest in run.noise:
+            given = extras.get(key)
+            if isinstance(given, Tensor) and given.shape[1:] == (batch, *rest):
+                if given.shape[0] >= t + horizon:
+                    inputs[port] = given[t : t + horizon]
+                    continue
+            elif isinstance(given, Tensor) and given.shape == (batch, *rest):
+                inputs[port] = given.expand(horizon, *given.shape)
+                continue
+            elif given is None:
+                flat = self.noise(name, None, horizon * batch, device=self.device)
+                inputs[port] = flat.view(horizon, batch, *rest)
+                continue
+            # malformed: the per-step lookup raises the protocol's error naming it
+            inputs[port] = torch.stack(
+                [
+                    self.noise(name, step_slice(self._contract, conditions, t + i), batch)
+                    for i in range(horizon)
+                ]
+            )
 
     def loss(self, batch: Mapping[str, Tensor]) -> LossOutput:
         """Not available: an ONNX export holds no trainable parameters."""
@@ -450,13 +549,22 @@ class OnnxWorldModel(WorldModel):
                     inputs[port] = given
                 else:  # sampled, or a malformed extra that WorldModel.noise names
                     inputs[port] = self.noise(name, conditions, batch, device=self.device)
+        return self._run(run, inputs, batch, out)
+
+    def _run(
+        self,
+        run: _GraphRun,
+        inputs: dict[str, Tensor],
+        batch: int,
+        out: dict[str, Tensor] | None,
+    ) -> dict[str, Tensor]:
         feed = {}
         for name, want in run.inputs:
             value = inputs[name]
             if value.dtype != want:
                 if not (value.is_floating_point() and want.is_floating_point):
                     raise ContractError(
-                        f"{graph} input {name!r} has dtype {value.dtype}, expected {want}"
+                        f"{run.graph} input {name!r} has dtype {value.dtype}, expected {want}"
                     )
                 value = value.to(want)
             feed[name] = value
@@ -488,6 +596,10 @@ class _GraphRun:
     def __init__(self, sig: GraphSignature, session: Any, contract: IOContract) -> None:
         self.graph = sig.graph
         self.session = session
+        #: Steps of the fused rollout graph (0 for a protocol step).
+        self.horizon = sig.horizon or 0
+        #: Fixed dims before the batch axis of every output (``(horizon,)`` when fused).
+        self.lead: tuple[int, ...] = (self.horizon,) if self.horizon else ()
         #: Graph inputs in order, each with the torch dtype it must have.
         self.inputs = tuple((p.name, getattr(torch, p.spec.dtype)) for p in sig.inputs)
         #: (noise name, graph input, condition key, shape after the batch dim)
@@ -498,23 +610,40 @@ class _GraphRun:
                 n.condition_key,
                 n.as_tensor_spec().concrete_shape(batch=1)[1:],
             )
-            for n in contract.noise_for(sig.base)
+            for n in contract.noise
             if n.name in sig.noise
         )
         self.output_names = sig.output_names
-        self.output_keys = tuple(p.key for p in sig.outputs)
-        #: (contract key, shape after the batch dim, torch dtype) per output
+        # A fused graph has states.<k> and pred.<k>: keep the prefix so the two cannot clash.
+        self.output_keys = tuple(p.name if self.horizon else p.key for p in sig.outputs)
+        #: (output key, shape after the batch dim, torch dtype) per output
         self.output_layout = tuple(
-            (p.key, p.spec.concrete_shape(batch=1)[1:], getattr(torch, p.spec.dtype))
-            for p in sig.outputs
+            (k, p.spec.concrete_shape(batch=1)[1:], getattr(torch, p.spec.dtype))
+            for k, p in zip(self.output_keys, sig.outputs, strict=True)
         )
+        #: Output layouts keyed by contract name: the predictions (decode, or the fused
+        #: graph's ``pred.*``) and the states (a state step, or the fused ``states.*``).
+        self.pred_layout = _unprefixed(self.output_layout, "pred.", bool(self.horizon))
+        self.state_layout = _unprefixed(self.output_layout, "states.", bool(self.horizon))
 
     def empty_outputs(self, lead: tuple[int, ...], device: torch.device) -> dict[str, Tensor]:
-        """Uninitialised output tensors of shape ``(*lead, ...)``, keyed by contract name."""
-        return {
-            key: torch.empty((*lead, *rest), dtype=dtype, device=device)
-            for key, rest, dtype in self.output_layout
-        }
+        """Uninitialised output tensors of shape ``(*lead, ...)``, keyed by output key."""
+        return _empty(self.output_layout, lead, device)
+
+
+Layout = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
+
+
+def _unprefixed(layout: Layout, prefix: str, strip: bool) -> Layout:
+    if not strip:
+        return layout
+    return tuple((k.removeprefix(prefix), r, d) for k, r, d in layout if k.startswith(prefix))
+
+
+def _empty(layout: Layout, lead: tuple[int, ...], device: torch.device) -> dict[str, Tensor]:
+    return {
+        key: torch.empty((*lead, *rest), dtype=dtype, device=device) for key, rest, dtype in layout
+    }
 
 
 class _Runner:
@@ -561,19 +690,21 @@ class _CpuRunner(_Runner):
         return out
 
 
-class _CudaRunner(_Runner):
-    """Torch CUDA tensors bound in place with IOBinding (no host copies).
+class _BoundRunner(_Runner):
+    """Torch tensors bound in place with IOBinding: ORT reads the inputs' memory and writes
+    straight into the caller's output tensors (no host copies on CUDA, no numpy on CPU).
 
-    With ``cuda_graph`` each (graph, batch size) gets fixed input and output buffers and a
-    ``gpu_graph_id``: ORT captures the graph on its first run and replays it afterwards; inputs
-    are copied into the fixed buffers and outputs copied out, on the device.
+    A binding is made per call, so calls from several threads (the ``async_`` variants) never
+    share one. With ``cuda_graph`` each (graph, batch size) gets fixed input and output buffers
+    and a ``gpu_graph_id``: ORT captures the graph on its first run and replays it afterwards;
+    inputs are copied into the fixed buffers and outputs copied out, on the device.
     """
 
     in_place = True
 
-    def __init__(self, device_id: int, cuda_graph: bool) -> None:
-        self.device = torch.device("cuda", device_id)
-        self.device_id = device_id
+    def __init__(self, device: torch.device, cuda_graph: bool = False) -> None:
+        self.device = device
+        self.device_id = device.index or 0
         self.cuda_graph = cuda_graph
         # (graph, batch) -> (binding, input buffers, output buffers by ORT name, run options)
         self._captured: dict[tuple[str, int], tuple[Any, dict[str, Tensor], dict[str, Tensor], Any]]
@@ -586,7 +717,7 @@ class _CudaRunner(_Runner):
         bind = binding.bind_output if output else binding.bind_input
         bind(
             name,
-            "cuda",
+            self.device.type,
             self.device_id,
             dtype,
             tuple(int(d) for d in tensor.shape),
@@ -597,7 +728,7 @@ class _CudaRunner(_Runner):
         self, graph: _GraphRun, feed: dict[str, Tensor], batch: int, out: dict[str, Tensor] | None
     ) -> dict[str, Tensor]:
         if out is None:
-            out = graph.empty_outputs((batch,), self.device)
+            out = graph.empty_outputs((*graph.lead, batch), self.device)
         feed = {k: v.to(self.device, non_blocking=True).contiguous() for k, v in feed.items()}
         if self.cuda_graph:
             self._replay(graph, feed, out, batch)
