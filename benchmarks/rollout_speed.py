@@ -10,10 +10,10 @@ fails are listed as not benchmarked, with the reason.
 
 CPU plan: the small presets (``ci``, ``size1m``) of DreamerV3 and TD-MPC2 at batch 1 and 16, and
 the issue's target presets (``dreamerv3:size12m``, ``tdmpc2:size5m``) at batch 1, on torch eager
-and ORT-CPU, both with the same number of intra-op threads (``--threads``, default 1: the CPU
-target is about batch-1 latency, and on a shared 2-core machine more threads only add
-contention). GPU plan: ``dreamerv3:size12m`` and ``tdmpc2:size5m`` at batch 1, 256, 1024 on every
-backend, fp32 with TF32 off on both sides.
+and ORT-CPU (step by step, and through the fused rollout graph), both with the same number of
+intra-op threads (``--threads``, default 1: the CPU target is about batch-1 latency, and on a
+shared 2-core machine more threads only add contention). GPU plan: ``dreamerv3:size12m`` and
+``tdmpc2:size5m`` at batch 1, 256, 1024 on every backend, fp32 with TF32 off on both sides.
 """
 
 from __future__ import annotations
@@ -41,8 +41,17 @@ GPU_PLAN = [
     ("dreamerv3:size12m", [1, 256, 1024]),
     ("tdmpc2:size5m", [1, 256, 1024]),
 ]
-CPU_BACKENDS = ["torch", "ort-cpu"]
-GPU_BACKENDS = ["torch", "torch-cudagraph", "ort-cuda", "ort-cuda-graph"]
+# The *-fused backends roll out through the export's fused rollout graph (one session call, or
+# one CUDA-graph replay, per horizon); the others call transition and decode once per step.
+CPU_BACKENDS = ["torch", "ort-cpu", "ort-cpu-fused"]
+GPU_BACKENDS = [
+    "torch",
+    "torch-cudagraph",
+    "ort-cuda",
+    "ort-cuda-fused",
+    "ort-cuda-graph",
+    "ort-cuda-graph-fused",
+]
 
 
 def main(argv: list[str] | None = None) -> int:

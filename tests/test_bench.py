@@ -179,3 +179,31 @@ def test_timing_quantiles_follow_numpy():
     for q, value in ((0.1, t.p10), (0.25, t.q25), (0.5, t.median), (0.9, t.p90)):
         assert value == pytest.approx(float(np.quantile(samples, q)))
     assert _bench.Timing.from_dict(t.to_dict()) == t
+
+
+def test_fused_backends_export_the_rollout_graph_and_pass_parity_over_its_horizon(tmp_path):
+    torch.manual_seed(3)
+    run = _bench.run(
+        "tdmpc2:ci",
+        backends=["ort-cpu", "ort-cpu-fused"],
+        device="cpu",
+        export_dir=tmp_path / "export",
+        **SMALL,
+    )
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert manifest["graphs"]["rollout"]["horizon"] == SMALL["horizon"]
+    assert run.settings["fused_rollout_horizon"] == SMALL["horizon"]
+    (steps,) = _by_backend(run, "ort-cpu")
+    (fused,) = _by_backend(run, "ort-cpu-fused")
+    for result in (steps, fused):
+        assert result.status == "ok", result.reason
+        assert result.parity["passed"] and result.parity["horizon"] >= SMALL["horizon"]
+    assert steps.settings["loader_options"]["fused_rollout"] is False
+    assert fused.settings["loader_options"]["fused_rollout"] is True
+
+
+def test_fused_backend_on_an_export_without_the_fused_graph_is_skipped(exported):
+    model, export_dir = exported
+    run = _bench.run(export_dir, reference=model, backends=["ort-cpu-fused"], device="cpu", **SMALL)
+    (result,) = run.results
+    assert result.status == "skipped" and "fused rollout graph" in result.reason
