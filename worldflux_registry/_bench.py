@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._artifact import MANIFEST_FILE, read_artifact_manifest
 from ._files import atomic_write
 from ._torch_env import model_from_export, tf32_state
 from ._torch_env import tf32 as use_tf32
@@ -550,9 +551,9 @@ def run(
     try:
         export_time = None
         path = Path(ref)
-        if (path / "manifest.json").is_file():
+        if (path / MANIFEST_FILE).is_file():
             source = "export"
-            manifest = json.loads((path / "manifest.json").read_text())
+            manifest = read_artifact_manifest(path, ConfigError)
             fused_horizon = (manifest.get("graphs", {}).get("rollout") or {}).get("horizon")
             model, ref_desc = _reference_for_export(path, manifest, reference, seed)
             out_dir = path
