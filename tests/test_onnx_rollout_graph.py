@@ -294,3 +294,19 @@ def test_fused_rollout_on_cuda_matches_torch_on_the_same_gpu(pair, cuda_graph):
             )
     finally:
         pair.model.to("cpu")
+
+
+def test_parity_shorter_than_the_fused_horizon_says_the_fused_graph_went_unchecked(pair):
+    short = parity.check(pair.model, pair.onnx, batch_sizes=(1,), horizon=HORIZON - 1)
+    assert any("fused rollout graph (3 steps) was not checked" in n for n in short.notes)
+    full = parity.check(pair.model, pair.onnx, batch_sizes=(1,), horizon=HORIZON)
+    assert not any("fused rollout graph" in n for n in full.notes)
+
+
+def test_export_check_rolls_out_at_least_one_fused_horizon(tmp_path):
+    torch.manual_seed(0)
+    model = registry.load("toyfamily:tiny")
+    out = export(model, "onnx", tmp_path / "long", graphs=GRAPHS, rollout_horizon=20)
+    summary = json.loads((out / "manifest.json").read_text())["parity"]
+    assert summary["passed"] is True
+    assert summary["horizon"] == 20

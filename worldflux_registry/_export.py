@@ -117,6 +117,7 @@ def check_export(
         )
     try:
         from . import parity
+        from .parity._check import DEFAULT_HORIZON
     except ImportError:  # pragma: no cover - parity ships with the core; guard a broken install
         warnings.warn("worldflux_registry.parity is unavailable: export not checked", stacklevel=3)
         return None
@@ -124,6 +125,10 @@ def check_export(
         spec.loader, what=f"exporter {spec.name!r} loader", distribution=spec.distribution
     )
     candidate = loader(Path(out))
+    fused = getattr(candidate, "fused_rollout_horizon", None)
+    if isinstance(fused, int) and fused > DEFAULT_HORIZON and "horizon" not in options:
+        # Roll out at least one fused call, so the check covers the fused graph too.
+        options["horizon"] = fused
     report = parity.check(model, candidate, **options)
     _store_parity(Path(out), report.summary())
     return report

@@ -76,12 +76,16 @@ class _Run:
         return [o for (g, _), o in self.outputs.items() if g == graph]
 
 
+#: Rollout length of `check` when none is given.
+DEFAULT_HORIZON = 16
+
+
 def check(
     reference: Any,
     candidate: Any,
     *,
     batch_sizes: Sequence[int] = (1, 7),
-    horizon: int = 16,
+    horizon: int = DEFAULT_HORIZON,
     seed: int = 0,
     tolerances: TolerancesLike | None = None,
     modes: Collection[str] = MODES,
@@ -166,6 +170,14 @@ def check(
                 f"{' and '.join(rollouts)} skipped: rollouts need transition and decode on "
                 f"both sides, and only {', '.join(graphs)} are shared"
             )
+    if "free_running" in modes:
+        for side, model in (("reference", reference), ("candidate", candidate)):
+            fused = getattr(model, "fused_rollout_horizon", None)
+            if isinstance(fused, int) and horizon < fused:
+                notes.append(
+                    f"the {side}'s fused rollout graph ({fused} steps) was not checked: "
+                    f"free_running rolls out {horizon} steps; use horizon >= {fused}"
+                )
     run = _Run(
         contract,
         outputs,

@@ -297,6 +297,12 @@ class OnnxWorldModel(WorldModel):
         return list(first.get_providers())
 
     @property
+    def fused_rollout_horizon(self) -> int | None:
+        """Steps per call of the fused ``rollout`` graph in use (None without one)."""
+        fused = self._graphs.get(ROLLOUT)
+        return fused.horizon if fused is not None else None
+
+    @property
     def device(self) -> torch.device:
         """Where inputs are read and outputs written."""
         return self._runner.device
