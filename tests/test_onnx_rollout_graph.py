@@ -310,3 +310,41 @@ def test_export_check_rolls_out_at_least_one_fused_horizon(tmp_path):
     summary = json.loads((out / "manifest.json").read_text())["parity"]
     assert summary["passed"] is True
     assert summary["horizon"] == 20
+
+
+def _count_calls(onnx_model, graph, fn):
+    counter = _Counting(onnx_model._graphs[graph].session)
+    onnx_model._graphs[graph].session = counter
+    try:
+        return fn(), counter.calls
+    finally:
+        onnx_model._graphs[graph].session = counter.session
+
+
+@pytest.mark.parametrize("ref", ["dreamerv3:ci", "tdmpc2:ci"])
+def test_deterministic_fused_rollout_uses_rollout_mode_or_the_noise_free_graph(
+    ref, tmp_path_factory
+):
+    pair = exported(
+        tmp_path_factory,
+        ref,
+        "random",
+        graphs=GRAPHS,
+        rollout_horizon=HORIZON,
+        mode_graphs=True,
+    )
+    contract = pair.model.io_contract()
+    noisy = bool(contract.noise_for("transition"))
+    manifest = json.loads((pair.directory / "manifest.json").read_text())
+    assert ("rollout.mode" in manifest["graphs"]) == noisy
+    steps = 2 * HORIZON
+    obs, enc, actions, _ = _inputs(contract, steps, 2)
+    with torch.no_grad():
+        start = pair.model.encode(encode_input(obs, enc))
+        want = pair.model.rollout(start, actions, None, deterministic=True)
+    graph = "rollout.mode" if noisy else "rollout"
+    got, calls = _count_calls(
+        pair.onnx, graph, lambda: pair.onnx.rollout(start, actions, None, deterministic=True)
+    )
+    assert calls == 2
+    assert_agree("deterministic", contract.predictions, want.predictions, got.predictions, 1e-4)

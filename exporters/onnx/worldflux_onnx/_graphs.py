@@ -36,7 +36,7 @@ KNOWN_GRAPHS = (*ALL_GRAPHS, ROLLOUT)
 #: ``deterministic=True`` (the distribution's mode), without noise inputs.
 MODE_SUFFIX = ".mode"
 #: Graphs whose protocol step takes ``deterministic`` (``decode`` does not).
-MODE_GRAPHS = ("encode", "transition", "update")
+MODE_GRAPHS = ("encode", "transition", "update", ROLLOUT)
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,8 @@ def signature(contract: IOContract, graph: str, *, horizon: int | None = None) -
 
     ``horizon`` is required for the fused ``rollout`` graph and refused for the others.
     """
-    if graph == ROLLOUT:
-        return _rollout_signature(contract, horizon)
+    if graph.removesuffix(MODE_SUFFIX) == ROLLOUT:
+        return _rollout_signature(contract, horizon, mode=graph.endswith(MODE_SUFFIX))
     if horizon is not None:
         raise ExportError(f"graph {graph!r} takes no horizon", graph=graph)
     mode = graph.endswith(MODE_SUFFIX)
@@ -117,7 +117,7 @@ def signature(contract: IOContract, graph: str, *, horizon: int | None = None) -
     if graph not in ALL_GRAPHS or (mode and graph not in MODE_GRAPHS):
         raise ExportError(
             f"unknown graph {full!r}",
-            hint="graphs: " + ", ".join([*ALL_GRAPHS, *(g + MODE_SUFFIX for g in MODE_GRAPHS)]),
+            hint="graphs: " + ", ".join([*KNOWN_GRAPHS, *(g + MODE_SUFFIX for g in MODE_GRAPHS)]),
             graph=full,
         )
     obs = tuple(Port(f"obs.{s.name}", s) for s in contract.observations)
@@ -149,7 +149,9 @@ def rollout_noise(contract: IOContract) -> tuple[NoiseSpec, ...]:
     return tuple(specs)
 
 
-def _rollout_signature(contract: IOContract, horizon: int | None) -> GraphSignature:
+def _rollout_signature(
+    contract: IOContract, horizon: int | None, *, mode: bool = False
+) -> GraphSignature:
     if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
         raise ExportError(
             f"the fused rollout graph needs a horizon >= 1, got {horizon!r}",
@@ -164,13 +166,14 @@ def _rollout_signature(contract: IOContract, horizon: int | None) -> GraphSignat
     lead = (horizon,)
     state = tuple(Port(f"state.{s.name}", s) for s in contract.state)
     action = (Port("actions", contract.action, lead),)
-    specs = rollout_noise(contract)
+    specs = () if mode else rollout_noise(contract)
     noise = tuple(Port(f"noise.{n.name}", n.as_tensor_spec(), lead) for n in specs)
     outputs = tuple(Port(f"states.{s.name}", s, lead) for s in contract.state) + tuple(
         Port(f"pred.{s.name}", s, lead) for s in contract.predictions
     )
+    name = ROLLOUT + MODE_SUFFIX if mode else ROLLOUT
     return GraphSignature(
-        ROLLOUT, state + action + noise, outputs, tuple(n.name for n in specs), horizon
+        name, state + action + noise, outputs, tuple(n.name for n in specs), horizon
     )
 
 
@@ -223,7 +226,7 @@ class GraphModule(nn.Module):
         conditions = noise_conditions(group["noise"]) if group["noise"] else None
         action = named.get("action")
         if graph == ROLLOUT:
-            traj = model.rollout(State(group["state"]), named["actions"], conditions, False)
+            traj = model.rollout(State(group["state"]), named["actions"], conditions, det)
             states = traj.states[1:]
             out = {
                 f"states.{k}": torch.stack([s.tensors[k] for s in states]) for k in group["state"]

@@ -37,6 +37,7 @@ from ._graphs import (
     GraphSignature,
     check_graphs,
     example_inputs,
+    rollout_noise,
     signature,
 )
 from ._manifest import (
@@ -93,9 +94,10 @@ def export_model(
             float32, normalisation layers float32).
         progress: Called as ``progress(graph, "start" | "done")``.
         example_batch: Batch of the tracing inputs (>= 2; the batch axis stays symbolic).
-        mode_graphs: Also export ``<graph>.mode`` for each selected ``encode``, ``transition``
-            or ``update`` graph that takes noise: the step run with ``deterministic=True``
-            (no noise inputs), which `OnnxWorldModel` runs for ``deterministic=True`` calls.
+        mode_graphs: Also export ``<graph>.mode`` for each selected ``encode``, ``transition``,
+            ``update`` or ``rollout`` graph that takes noise: the step run with
+            ``deterministic=True`` (no noise inputs), which `OnnxWorldModel` runs for
+            ``deterministic=True`` calls.
         rollout_horizon: Steps unrolled in the ``rollout`` graph (fixed in the file; the batch
             stays symbolic). Export time and graph size grow linearly with it.
 
@@ -146,12 +148,14 @@ def export_model(
         names: list[str] = []
         for graph in selected:
             names.append(graph)
-            if mode_graphs and graph in MODE_GRAPHS and contract.noise_for(graph):
+            noisy = rollout_noise(contract) if graph == ROLLOUT else contract.noise_for(graph)
+            if mode_graphs and graph in MODE_GRAPHS and noisy:
                 names.append(graph + MODE_SUFFIX)
         for graph in names:
             if progress is not None:
                 progress(graph, "start")
-            sig = signature(contract, graph, horizon=rollout_horizon if graph == ROLLOUT else None)
+            fused = graph.removesuffix(MODE_SUFFIX) == ROLLOUT
+            sig = signature(contract, graph, horizon=rollout_horizon if fused else None)
             entries[graph] = _export_graph(
                 traced,
                 sig,

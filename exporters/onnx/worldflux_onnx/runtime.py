@@ -156,17 +156,20 @@ def load_artifact(
         for name, opts in zip(plan.names, plan.options, strict=True):
             if name in ("cuda", "tensorrt"):
                 opts["user_compute_stream"] = stream
-    horizon = graphs[ROLLOUT].get("horizon") if ROLLOUT in graphs else 1
-    if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
-        raise ExportError(
-            f"{directory}/manifest.json records horizon {horizon!r} for the fused rollout "
-            "graph; expected an int >= 1",
-            hint="the manifest was edited or damaged; re-export the model",
-            graph=ROLLOUT,
-        )
+    for graph, entry in graphs.items():
+        if graph.removesuffix(MODE_SUFFIX) != ROLLOUT:
+            continue
+        horizon = entry.get("horizon")
+        if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+            raise ExportError(
+                f"{directory}/manifest.json records horizon {horizon!r} for the fused graph "
+                f"{graph!r}; expected an int >= 1",
+                hint="the manifest was edited or damaged; re-export the model",
+                graph=graph,
+            )
     sessions: dict[str, Any] = {}
     for graph, entry in graphs.items():
-        if graph == ROLLOUT and not fused_rollout:
+        if graph.removesuffix(MODE_SUFFIX) == ROLLOUT and not fused_rollout:
             continue
         file = directory / entry["file"]
         try:
@@ -366,11 +369,12 @@ class OnnxWorldModel(WorldModel):
     ) -> Trajectory:
         """Roll out ``transition`` + ``decode`` over ``[T, batch, ...]`` actions.
 
-        With a fused ``rollout`` graph of horizon ``H`` (and ``deterministic=False``), every
-        full ``H`` steps are one session call; the remainder, and deterministic rollouts, run
-        step by step. The rollout stays on the runtime's device: on CUDA every call writes in
-        place into preallocated ``[T, batch, ...]`` buffers; on CPU results are kept as
-        returned and joined once at the end. Noise extras may carry a leading time axis, as
+        With a fused ``rollout`` graph of horizon ``H``, every full ``H`` steps are one session
+        call (``deterministic=True`` on a graph that takes noise needs ``rollout.mode``, from
+        ``mode_graphs=True``, else goes step by step); the remainder runs step by step with
+        ``transition`` + ``decode``. The rollout stays on the runtime's device: on CUDA every
+        call writes in place into preallocated ``[T, batch, ...]`` buffers; on CPU results are
+        kept as returned and joined once at the end. Noise extras may carry a leading time axis, as
         for the torch model.
         """
         if mode != "autoregressive":
@@ -385,7 +389,9 @@ class OnnxWorldModel(WorldModel):
         actions = actions.to(self.device)
         steps = int(actions.shape[0])
         batch = _batch_of(self._state_inputs(initial_state))
-        fused = None if deterministic else self._graphs.get(ROLLOUT)
+        fused = self._graphs.get(ROLLOUT)
+        if fused is not None and fused.noise and deterministic:
+            fused = self._graphs.get(ROLLOUT + MODE_SUFFIX)
         horizon = fused.horizon if fused is not None else 0
         stepwise = not horizon or steps % horizon != 0
         if stepwise and not {"transition", "decode"} <= set(self._graphs):
@@ -395,13 +401,13 @@ class OnnxWorldModel(WorldModel):
                 hint=f"roll out a multiple of the fused horizon ({horizon}) with "
                 "deterministic=False, or re-export with transition and decode",
             )
-        dec_layout = self._graphs[ROLLOUT if fused is not None else "decode"].pred_layout
+        dec_layout = (fused or self._graphs["decode"]).pred_layout
         in_place = self._runner.in_place
         state_buf: dict[str, Tensor] = {}
         pred_buf: dict[str, Tensor] = {}
         if in_place:
             state_buf = _empty(
-                self._graphs[ROLLOUT if fused else "transition"].state_layout,
+                (fused or self._graphs["transition"]).state_layout,
                 (steps, batch),
                 self.device,
             )
