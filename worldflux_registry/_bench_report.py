@@ -1,0 +1,269 @@
+"""The benchmark's results document: its JSON layout, the speed-target verdicts, markdown."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ._bench_backends import _FUSED, _shorten
+from ._bench_measure import environment
+from ._bench_results import BenchRun
+from ._files import atomic_write
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "TARGETS",
+    "document",
+    "evaluate_targets",
+    "to_markdown",
+    "write",
+]
+
+#: ``format`` of the JSON document written by `write`.
+FORMAT = "worldflux.bench"
+#: Layout version of that document; bumped when a field changes meaning.
+FORMAT_VERSION = 1
+
+
+# -- documents --------------------------------------------------------------------------------
+def document(
+    runs: Sequence[BenchRun],
+    env: Mapping[str, Any] | None = None,
+    *,
+    failures: Sequence[Mapping[str, str]] = (),
+    notes: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The versioned JSON document for ``runs``, with the environment and the target verdicts.
+
+    ``failures`` lists models that could not be benchmarked at all (``{"model", "reason"}``, e.g.
+    their export failed); ``notes`` are free-text remarks rendered under the tables.
+    """
+    doc: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "environment": dict(env) if env is not None else environment(),
+        "runs": [r.to_dict() for r in runs],
+        "failures": [dict(f) for f in failures],
+        "notes": list(notes),
+    }
+    doc["targets"] = evaluate_targets(doc)
+    return doc
+
+
+#: The targets of the benchmark issue: (id, text, models it names).
+TARGETS: tuple[tuple[str, str], ...] = (
+    (
+        "gpu-b1-cudagraph",
+        "GPU, rollout of 16 steps at batch 1: ORT with CUDA graphs within 1.2x of a torch "
+        "CUDA-graph replay, and at least 4x faster than torch eager",
+    ),
+    ("gpu-b1024", "GPU, rollout of 16 steps at batch 1024: ORT on CUDA no slower than torch eager"),
+    ("cpu-b1-step", "CPU, batch 1, one transition: ORT at least 1.5x faster than torch eager"),
+    ("parity", "Parity holds at every benchmarked setting"),
+)
+_TARGET_MODELS = ("dreamerv3:size12m", "tdmpc2:size5m")
+
+
+def _find(
+    run: Mapping[str, Any], backend: str, batch: int, device: str
+) -> Mapping[str, Any] | None:
+    for r in run["results"]:
+        if r["backend"] == backend and r["batch"] == batch and (r.get("device") or "") == device:
+            return r  # type: ignore[no-any-return]
+    return None
+
+
+def _median(result: Mapping[str, Any] | None, what: str) -> float | None:
+    if result is None or result.get("status") != "ok" or not result.get(what):
+        return None
+    return float(result[what]["median"])
+
+
+def _best(
+    run: Mapping[str, Any], backend: str, batch: int, device: str
+) -> tuple[float | None, str]:
+    """The faster rollout of ``backend`` and its fused variant, with the one that gave it."""
+    found = [
+        (t, name)
+        for name in (backend, backend + _FUSED)
+        if (t := _median(_find(run, name, batch, device), "rollout")) is not None
+    ]
+    return min(found) if found else (None, backend)
+
+
+def evaluate_targets(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Verdict of every target for every model in ``doc``: met, missed or not measured."""
+    verdicts: list[dict[str, Any]] = []
+    runs = list(doc["runs"])
+    failed = {f["model"]: f["reason"] for f in doc.get("failures", ())}
+    for target_id, text in TARGETS:
+        models = sorted({r["model"] for r in runs} | set(_TARGET_MODELS) | set(failed))
+        for model in models:
+            model_runs = [r for r in runs if r["model"] == model]
+            verdict = _verdict(target_id, model_runs)
+            if verdict["status"] == "not-measured" and model in failed:
+                verdict["detail"] = "not benchmarked: " + _shorten(failed[model], 160)
+            verdict.update(target=target_id, text=text, model=model)
+            verdict["named_by_issue"] = model in _TARGET_MODELS
+            verdicts.append(verdict)
+    return verdicts
+
+
+def _verdict(target_id: str, runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    not_here = {"status": "not-measured", "detail": "no matching measurement in this document"}
+    if target_id == "parity":
+        results = [r for run in runs for r in run["results"] if r.get("parity") is not None]
+        if not results:
+            return not_here
+        refused = [f"{r['backend']}@{r['batch']}" for r in results if r["status"] == "refused"]
+        if refused:
+            return {"status": "missed", "detail": "refused (parity failed): " + ", ".join(refused)}
+        return {"status": "met", "detail": f"{len(results)} backend/batch settings checked"}
+    for run in runs:
+        if target_id == "cpu-b1-step":
+            torch_t = _median(_find(run, "torch", 1, "cpu"), "step")
+            ort_t = _median(_find(run, "ort-cpu", 1, "cpu"), "step")
+            if torch_t and ort_t:
+                speedup = torch_t / ort_t
+                return {
+                    "status": "met" if speedup >= 1.5 else "missed",
+                    "value": speedup,
+                    "detail": f"ORT {speedup:.2f}x faster than torch eager "
+                    f"({ort_t * 1e6:.0f} us vs {torch_t * 1e6:.0f} us), needs >= 1.5x",
+                }
+        if run["horizon"] != 16:
+            continue
+        if target_id == "gpu-b1-cudagraph":
+            graph_t = _median(_find(run, "torch-cudagraph", 1, "cuda"), "rollout")
+            eager_t = _median(_find(run, "torch", 1, "cuda"), "rollout")
+            ort_t, which = _best(run, "ort-cuda-graph", 1, "cuda")
+            if graph_t and eager_t and ort_t:
+                ratio, speedup = ort_t / graph_t, eager_t / ort_t
+                ok = ratio <= 1.2 and speedup >= 4.0
+                return {
+                    "status": "met" if ok else "missed",
+                    "value": {"vs_cudagraph": ratio, "speedup_vs_eager": speedup},
+                    "detail": f"{which} {ratio:.2f}x the torch CUDA-graph time (<= 1.2 "
+                    f"needed), {speedup:.1f}x faster than eager (>= 4 needed)",
+                }
+        if target_id == "gpu-b1024":
+            eager_t = _median(_find(run, "torch", 1024, "cuda"), "rollout")
+            ort_t, which = _best(run, "ort-cuda", 1024, "cuda")
+            if eager_t and ort_t:
+                ratio = ort_t / eager_t
+                return {
+                    "status": "met" if ratio <= 1.0 else "missed",
+                    "value": ratio,
+                    "detail": f"{which} takes {ratio:.2f}x the torch eager time (<= 1 needed)",
+                }
+    return not_here
+
+
+# -- rendering --------------------------------------------------------------------------------
+def _fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} us"
+    if seconds < 1.0:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
+
+
+def _fmt_load(load: Sequence[float] | None) -> str:
+    return "-" if not load else f"{load[0]:.1f}"
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**20:.0f} MiB"
+
+
+def to_markdown(doc: Mapping[str, Any]) -> str:
+    """Markdown tables of a benchmark document: environment, one table per model, targets."""
+    env = doc["environment"]
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+    cuda = env.get("cuda")
+    lines = [
+        f"Benchmark document `{doc['format']}` v{doc['format_version']}, created {doc['created']}.",
+        "",
+        f"- Machine: {env['cpu']} ({env.get('cpu_affinity')} usable cores), {env['platform']}",
+        "- GPU: " + (f"{cuda['device']} (CUDA {cuda['torch_cuda']})" if cuda else "none"),
+        f"- Threads: torch {env['torch_threads']} intra-op (per-run settings below); "
+        f"load average at the end: {env.get('loadavg')}",
+        f"- Versions: {versions}",
+        "- TF32 (process defaults; each run sets its own, below): "
+        + ", ".join(f"`{k}`={v}" for k, v in env["tf32"].items()),
+        "",
+    ]
+    for run in doc["runs"]:
+        export_t = run["export_time_s"]
+        lines += [
+            f"### {run['model']}",
+            "",
+            f"Horizon {run['horizon']}; reference: {run['reference']}; export "
+            + (f"took {export_t:.1f} s" if export_t is not None else "given")
+            + f"; TF32 {'on' if run['settings'].get('tf32') else 'off'} on both sides; "
+            f"fingerprint `{run['fingerprint'][:19]}`. Torch threads "
+            f"{run['settings'].get('torch_threads')}, ORT options "
+            f"{run['settings'].get('ort_options') or 'default'}; load average before / after "
+            f"{_fmt_load(run['settings'].get('loadavg_before'))} / "
+            f"{_fmt_load(run['settings'].get('loadavg_after'))}.",
+            "",
+            "| backend | device | batch | parity | one transition: median (p10-p90) "
+            "| rollout: median (p10-p90) [IQR] min | steps x batch / s | peak memory | note |",
+            "|---|---|---:|---|---|---|---:|---:|---|",
+        ]
+        for r in run["results"]:
+            parity = r.get("parity") or {}
+            parity_cell = "-" if not parity else ("pass" if parity.get("passed") else "FAIL")
+            step, roll = r.get("step"), r.get("rollout")
+            step_cell = (
+                f"{_fmt_time(step['median'])} ({_fmt_time(step['p10'])}-{_fmt_time(step['p90'])})"
+                if step
+                else "-"
+            )
+            roll_cell = (
+                f"{_fmt_time(roll['median'])} ({_fmt_time(roll['p10'])}-"
+                f"{_fmt_time(roll['p90'])}) [{_fmt_time(roll['iqr'])}] min {_fmt_time(roll['min'])}"
+                if roll
+                else "-"
+            )
+            mem = r.get("memory") or {}
+            mem_cell = f"{_fmt_bytes(mem.get('peak_bytes'))} {mem.get('kind', '')}".strip()
+            tput = f"{r['throughput']:,.0f}" if r.get("throughput") else "-"
+            note = r["status"] if r["status"] == "ok" else f"**{r['status']}**: {r['reason']}"
+            lines.append(
+                f"| {r['backend']} | {r.get('device') or '-'} | {r['batch']} | {parity_cell} "
+                f"| {step_cell} | {roll_cell} | {tput} | {mem_cell} | {note} |"
+            )
+        lines.append("")
+    for failure in doc.get("failures", ()):
+        lines += [f"### {failure['model']}", "", f"**Not benchmarked**: {failure['reason']}", ""]
+    lines += ["### Targets", "", "| target | model | verdict | detail |", "|---|---|---|---|"]
+    for v in doc["targets"]:
+        if not v["named_by_issue"] and v["status"] == "not-measured":
+            continue
+        lines.append(f"| {v['text']} | {v['model']} | **{v['status']}** | {v['detail']} |")
+    lines.append("")
+    if doc.get("notes"):
+        lines += ["### Notes", ""] + [f"- {n}" for n in doc["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def _json_text(doc: Mapping[str, Any]) -> str:
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def write(doc: Mapping[str, Any], json_path: str | Path | None, md_path: str | Path | None) -> None:
+    """Write the JSON document and / or its markdown, each atomically."""
+    for path, render in ((json_path, _json_text), (md_path, to_markdown)):
+        if path is None:
+            continue
+        atomic_write(path, render(doc).encode("utf-8"))
