@@ -21,6 +21,6 @@ rm -rf .gpusite && mkdir .gpusite
 for whl in "$wheels"/*.whl; do python3 -m zipfile -e "$whl" .gpusite; done
 du -sh .gpusite
 cat <<'MSG'
-Then, on the GPU machine, after the four ort-gpu-carry calls (same warm machine), one call with
-  carry [".gpusite"]:  bash benchmarks/gpu/run.sh
+Then, on the GPU machine, after the four ort-gpu-carry calls (same warm machine), two calls with
+  carry [".gpusite"]:  bash benchmarks/gpu/run.sh tests   and then   bash benchmarks/gpu/run.sh bench
 MSG
