@@ -38,6 +38,7 @@ EXPECTED = {
     "WorldModel",
     "WorldModelInput",
     "__version__",
+    "condition_key",
     "contract_fingerprint",
     "export",
     "functional",

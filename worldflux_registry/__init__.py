@@ -9,7 +9,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._contract import Capability, IOContract, NoiseSpec, TensorSpec, contract_fingerprint
+from ._contract import (
+    Capability,
+    IOContract,
+    NoiseSpec,
+    TensorSpec,
+    condition_key,
+    contract_fingerprint,
+)
 from ._payloads import (
     ActionPayload,
     ConditionPayload,
@@ -73,6 +80,7 @@ __all__ = [
     "WorldModel",
     "WorldModelInput",
     "__version__",
+    "condition_key",
     "contract_fingerprint",
     "export",
     "functional",

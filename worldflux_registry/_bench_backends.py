@@ -56,6 +56,8 @@ class _Inputs:
     step_noise: dict[str, torch.Tensor]
     actions: torch.Tensor | None
     rollout_noise: dict[str, torch.Tensor]
+    #: Side conditions (``wf.cond.<name>``), the same for every step.
+    conds: dict[str, torch.Tensor]
 
     def to(self, device: str) -> _Inputs:
         def move(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -68,13 +70,14 @@ class _Inputs:
             move(self.step_noise),
             None if self.actions is None else self.actions.to(device),
             move(self.rollout_noise),
+            move(self.conds),
         )
 
 
 def _make_inputs(model: WorldModel, batch: int, horizon: int, seed: int) -> _Inputs:
     import torch
 
-    from ._inputs import make_actions, make_noise, make_observations
+    from ._inputs import make_actions, make_conditions, make_noise, make_observations
 
     contract = model.io_contract()
     gen = torch.Generator().manual_seed(seed)
@@ -82,14 +85,17 @@ def _make_inputs(model: WorldModel, batch: int, horizon: int, seed: int) -> _Inp
     step_noise.update(make_noise(contract, "decode", (batch,), gen))
     rollout_noise = make_noise(contract, "transition", (horizon, batch), gen)
     rollout_noise.update(make_noise(contract, "decode", (horizon, batch), gen))
-    return _Inputs(
+    inputs = _Inputs(
         obs=make_observations(contract, (batch,), gen),
         encode_noise=make_noise(contract, "encode", (batch,), gen),
         action=make_actions(contract, (batch,), gen),
         step_noise=step_noise,
         actions=make_actions(contract, (horizon, batch), gen),
         rollout_noise=rollout_noise,
+        conds={},
     )
+    inputs.conds.update(make_conditions(contract, (batch,), gen))  # last: keeps earlier draws
+    return inputs
 
 
 def _actions(inputs: _Inputs) -> torch.Tensor:
@@ -98,16 +104,18 @@ def _actions(inputs: _Inputs) -> torch.Tensor:
     return inputs.actions
 
 
-def _conditions(noise: dict[str, torch.Tensor]) -> ConditionPayload | None:
+def _conditions(
+    noise: dict[str, torch.Tensor], conds: dict[str, torch.Tensor]
+) -> ConditionPayload | None:
     from ._inputs import noise_conditions
 
-    return noise_conditions(noise) if noise else None
+    return noise_conditions(noise, conds) if noise or conds else None
 
 
 def _initial_state(model: WorldModel, inputs: _Inputs) -> State:
     from ._inputs import encode_input
 
-    return model.encode(encode_input(inputs.obs, inputs.encode_noise))
+    return model.encode(encode_input(inputs.obs, inputs.encode_noise, inputs.conds))
 
 
 # -- per backend ------------------------------------------------------------------------------
@@ -206,8 +214,8 @@ def _time_model(
         memory = _Memory("cuda" if device.startswith("cuda") else "cpu", "the warm-up calls")
         memory.start()
     state = _initial_state(model, inputs)
-    step_cond = _conditions(inputs.step_noise)
-    roll_cond = _conditions(inputs.rollout_noise)
+    step_cond = _conditions(inputs.step_noise, inputs.conds)
+    roll_cond = _conditions(inputs.rollout_noise, inputs.conds)
     action, actions = inputs.action, _actions(inputs)
     return _warm_timer(
         ctx,
@@ -268,8 +276,8 @@ def _bench_torch_cudagraph(ctx: _Context, result: BackendResult) -> _Timer | Non
     memory.start()
     inputs = _make_inputs(ctx.model, batch, ctx.horizon, ctx.seed).to(device)
     state = _initial_state(model, inputs)
-    step_cond = _conditions(inputs.step_noise)
-    roll_cond = _conditions(inputs.rollout_noise)
+    step_cond = _conditions(inputs.step_noise, inputs.conds)
+    roll_cond = _conditions(inputs.rollout_noise, inputs.conds)
 
     def step() -> Any:
         return model.transition(state, inputs.action, step_cond)

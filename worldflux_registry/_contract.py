@@ -224,6 +224,18 @@ class NoiseSpec:
             raise ContractError(f"noise {self.name!r} must be floating, got {self.dtype!r}")
 
 
+#: Prefix of the `ConditionPayload` extras key that carries a declared side condition.
+CONDITION_PREFIX = "wf.cond."
+
+
+def condition_key(name: str) -> str:
+    """The `ConditionPayload` extras key of side condition ``name``: ``wf.cond.<name>``.
+
+    Exported graphs take it as the input ``cond.<name>``.
+    """
+    return CONDITION_PREFIX + name
+
+
 @dataclass(frozen=True)
 class IOContract:
     """Everything a world model reads and writes, declared once.
@@ -237,7 +249,10 @@ class IOContract:
             or None for models that take no action.
         state: Latent state tensors (the keys of a `State`).
         predictions: What ``decode`` returns (``ModelOutput.predictions`` keys).
-        conditions: Optional side-condition tensors (``ConditionPayload.extras`` without prefix).
+        conditions: Optional side-condition tensors (a goal, a task embedding), passed as the
+            `ConditionPayload` extra ``wf.cond.<name>`` (`condition_key`) and read with
+            `WorldModel.condition`; every step may read them, and rollouts pass them unchanged
+            to every step.
         noise: Explicit noise inputs of stochastic steps.
         targets: Extra per-step training targets ``loss`` reads from a batch (e.g. reward).
         api_version: Payload API version the model speaks.

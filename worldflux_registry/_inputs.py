@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from ._contract import IOContract, NoiseSpec, TensorSpec
+from ._contract import IOContract, NoiseSpec, TensorSpec, condition_key
 from ._payloads import ConditionPayload, WorldModelInput
 
-__all__ = ["make_actions", "make_noise", "make_noise_tensor", "make_observations", "make_tensor"]
+__all__ = [
+    "make_actions",
+    "make_conditions",
+    "make_noise",
+    "make_noise_tensor",
+    "make_observations",
+    "make_tensor",
+]
 
 # Uniform noise stays off the ends: inverse-CDF and Gumbel transforms diverge at 0 and 1.
 _EPS = 1e-6
@@ -101,11 +111,32 @@ def make_noise_tensor(
     return make_tensor(spec, lead, generator, device)
 
 
-def noise_conditions(noise: dict[str, Tensor]) -> ConditionPayload:
-    """Noise tensors as the ``wf.noise.<name>`` condition extras a model reads."""
-    return ConditionPayload({f"wf.noise.{k}": v for k, v in noise.items()})
+def make_conditions(
+    contract: IOContract,
+    lead: tuple[int, ...],
+    generator: torch.Generator,
+    device: torch.device | str | None = None,
+) -> dict[str, Tensor]:
+    """Side conditions for every declared condition, leading dims ``lead`` (empty, drawing
+    nothing from ``generator``, when the contract declares none)."""
+    return {s.name: make_tensor(s, lead, generator, device) for s in contract.conditions}
 
 
-def encode_input(obs: dict[str, Tensor], noise: dict[str, Tensor]) -> WorldModelInput:
-    """An ``encode`` input carrying its noise."""
-    return WorldModelInput(obs, noise_conditions(noise) if noise else None)
+def noise_conditions(
+    noise: Mapping[str, Tensor], conditions: Mapping[str, Tensor] | None = None
+) -> ConditionPayload:
+    """Noise tensors as the ``wf.noise.<name>`` extras a model reads, plus side conditions as
+    ``wf.cond.<name>``."""
+    extras: dict[str, Any] = {f"wf.noise.{k}": v for k, v in noise.items()}
+    extras.update({condition_key(k): v for k, v in (conditions or {}).items()})
+    return ConditionPayload(extras)
+
+
+def encode_input(
+    obs: dict[str, Tensor],
+    noise: dict[str, Tensor],
+    conditions: Mapping[str, Tensor] | None = None,
+) -> WorldModelInput:
+    """An ``encode`` input carrying its noise (and side conditions)."""
+    payload = noise_conditions(noise, conditions) if noise or conditions else None
+    return WorldModelInput(obs, payload)

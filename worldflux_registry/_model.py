@@ -11,7 +11,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
-from ._contract import Capability, IOContract, NoiseSpec
+from ._contract import Capability, IOContract, NoiseSpec, condition_key
 from ._payloads import (
     ActionPayload,
     ConditionPayload,
@@ -183,6 +183,31 @@ class WorldModel(nn.Module, ABC):
         raise ContractError(
             f"action must be a Tensor or ActionPayload, got {type(action).__name__}"
         )
+
+    def condition(self, name: str, conditions: ConditionPayload | None) -> Tensor | None:
+        """The side condition ``name`` from ``conditions`` (extra ``wf.cond.<name>``), checked
+        against its contract spec; None when the caller passed none.
+
+        Raises:
+            ContractError: ``name`` is not a declared condition, or the value is not a tensor
+                of the declared dtype and shape.
+        """
+        contract = self.io_contract()
+        spec = next((c for c in contract.conditions if c.name == name), None)
+        if spec is None:
+            declared = [c.name for c in contract.conditions]
+            raise ContractError(
+                f"{name!r} is not a declared side condition (declared: {declared})",
+                hint="declare it in the contract's conditions",
+            )
+        key = condition_key(name)
+        given = None if conditions is None else conditions.extras.get(key)
+        if given is None:
+            return None
+        problems = tensor_problems(f"condition {key!r}", given, spec)
+        if problems:
+            raise ContractError(problems[0], hint=f"pass ConditionPayload({{{key!r}: tensor}})")
+        return given  # type: ignore[no-any-return]
 
     def noise(
         self,

@@ -256,7 +256,7 @@ def tensor_problems(
     problems = []
     if dtype_name(value) != spec.dtype:
         problems.append(f"{where} has dtype {dtype_name(value)}, expected {spec.dtype}")
-    shape = tuple(int(d) for d in shape)
+    shape = tuple(dim(d) for d in shape)
     if len(shape) != len(spec.shape):
         problems.append(f"{where} has shape {shape}, expected {spec.shape}")
         return problems

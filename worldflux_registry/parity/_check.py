@@ -14,7 +14,14 @@ import torch
 from torch import Tensor
 
 from .._contract import Capability, IOContract, TensorSpec
-from .._inputs import encode_input, make_actions, make_noise, make_observations
+from .._inputs import (
+    encode_input,
+    make_actions,
+    make_conditions,
+    make_noise,
+    make_observations,
+    noise_conditions,
+)
 from .._payloads import ConditionPayload, ModelOutput
 from .._state import State
 from .._torch_env import tf32
@@ -436,8 +443,11 @@ def _numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _conditions(noise: Mapping[str, Tensor]) -> ConditionPayload | None:
-    return ConditionPayload({f"wf.noise.{k}": v for k, v in noise.items()}) if noise else None
+def _conditions(
+    noise: Mapping[str, Tensor], conds: Mapping[str, Tensor] | None = None
+) -> ConditionPayload | None:
+    """Noise and side conditions as the extras both sides read (None when there are none)."""
+    return noise_conditions(noise, conds) if noise or conds else None
 
 
 def _state_arrays(state: Any) -> Arrays:
@@ -455,8 +465,11 @@ def _feeds(
     action: Tensor | None = None,
     obs: Mapping[str, Tensor] | None = None,
     noise: Mapping[str, Tensor] | None = None,
+    conds: Mapping[str, Tensor] | None = None,
 ) -> Arrays:
     feeds: Arrays = {}
+    if conds:
+        feeds.update({f"cond.{k}": _numpy(v) for k, v in conds.items()})
     if obs is not None:
         feeds.update({f"obs.{k}": _numpy(v) for k, v in obs.items()})
     if state is not None:
@@ -541,6 +554,7 @@ def _step_mode(run: _Run, graphs: Sequence[str], batch: int, seed: int) -> None:
     obs2 = make_observations(contract, (batch,), gen)
     up_noise = make_noise(contract, "update", (batch,), gen)
     dec_noise = make_noise(contract, "decode", (batch,), gen)
+    conds = make_conditions(contract, (batch,), gen)  # last: draws nothing without conditions
 
     def record(graph: str, feeds: Arrays, ref_out: Arrays, cand: Arrays | str) -> None:
         results = _compare_graph(run, graph, ref_out, cand)
@@ -562,19 +576,19 @@ def _step_mode(run: _Run, graphs: Sequence[str], batch: int, seed: int) -> None:
             cand_arrays = cand if isinstance(cand, dict) else {}
             run.sites[("step", graph, batch, None)] = _Site(feeds, ref_out, cand_arrays)
 
-    enc_in = encode_input(obs, enc_noise)
+    enc_in = encode_input(obs, enc_noise, conds)
     s0 = _call_reference("encode", lambda: ref.encode(_to(enc_in, rd)))
     if "encode" in graphs:
         c0 = _call_candidate(run, "encode", lambda: cand.encode(_to(enc_in, cd)))
         record(
             "encode",
-            _feeds(obs=obs, noise=enc_noise),
+            _feeds(obs=obs, noise=enc_noise, conds=conds),
             _state_arrays(s0),
             c0 if isinstance(c0, str) else _state_arrays(c0),
         )
 
     s0_cpu = s0.to("cpu")
-    cond = _conditions(tr_noise)
+    cond = _conditions(tr_noise, conds)
     s1 = _call_reference("transition", lambda: ref.transition(s0, _to(action, rd), _to(cond, rd)))
     if "transition" in graphs:
         c1 = _call_candidate(
@@ -584,13 +598,13 @@ def _step_mode(run: _Run, graphs: Sequence[str], batch: int, seed: int) -> None:
         )
         record(
             "transition",
-            _feeds(state=s0_cpu, action=action, noise=tr_noise),
+            _feeds(state=s0_cpu, action=action, noise=tr_noise, conds=conds),
             _state_arrays(s1),
             c1 if isinstance(c1, str) else _state_arrays(c1),
         )
 
     if "update" in graphs:
-        cond = _conditions(up_noise)
+        cond = _conditions(up_noise, conds)
         u1 = _call_reference(
             "update", lambda: ref.update(s0, _to(action, rd), _to(obs2, rd), _to(cond, rd))
         )
@@ -601,19 +615,19 @@ def _step_mode(run: _Run, graphs: Sequence[str], batch: int, seed: int) -> None:
         )
         record(
             "update",
-            _feeds(state=s0_cpu, action=action, obs=obs2, noise=up_noise),
+            _feeds(state=s0_cpu, action=action, obs=obs2, noise=up_noise, conds=conds),
             _state_arrays(u1),
             cu if isinstance(cu, str) else _state_arrays(cu),
         )
 
     s1_cpu = s1.to("cpu")
-    cond = _conditions(dec_noise)
+    cond = _conditions(dec_noise, conds)
     if "decode" in graphs:
         p = _call_reference("decode", lambda: ref.decode(s1, _to(cond, rd)))
         cp = _call_candidate(run, "decode", lambda: cand.decode(_to(s1_cpu, cd), _to(cond, cd)))
         record(
             "decode",
-            _feeds(state=s1_cpu, noise=dec_noise),
+            _feeds(state=s1_cpu, noise=dec_noise, conds=conds),
             _pred_arrays(p),
             cp if isinstance(cp, str) else _pred_arrays(cp),
         )
@@ -630,7 +644,10 @@ def _rollout_modes(run: _Run, modes: Collection[str], batch: int, seed: int, hor
     noise = make_noise(contract, "transition", (horizon, batch), gen)
     for name, value in make_noise(contract, "decode", (horizon, batch), gen).items():
         noise.setdefault(name, value)
-    s0 = _call_reference("encode", lambda: ref.encode(_to(encode_input(obs, enc_noise), rd)))
+    # Side conditions hold for the whole rollout (no time axis), as `WorldModel.rollout` passes
+    # them to every step; drawn last, so contracts without any keep their inputs.
+    conds = make_conditions(contract, (batch,), gen)
+    s0 = _call_reference("encode", lambda: ref.encode(_to(encode_input(obs, enc_noise, conds), rd)))
     s0_cpu = s0.to("cpu")
     tr_names = {n.name for n in contract.noise_for("transition")}
     dec_names = {n.name for n in contract.noise_for("decode")}
@@ -645,7 +662,7 @@ def _rollout_modes(run: _Run, modes: Collection[str], batch: int, seed: int, hor
         curves = _new_curves(run, "teacher_forced", batch)
         state, state_cpu = s0, s0_cpu
         for t in range(horizon):
-            cond = _conditions({k: v[t] for k, v in noise.items()})
+            cond = _conditions({k: v[t] for k, v in noise.items()}, conds)
             a = action_at(t)
             nxt = _call_reference("transition", ref.transition, state, _to(a, rd), _to(cond, rd))
             got = _call_candidate(
@@ -663,7 +680,9 @@ def _rollout_modes(run: _Run, modes: Collection[str], batch: int, seed: int, hor
                 run.sites.setdefault(
                     ("teacher_forced", "transition", batch, t + 1),
                     _Site(
-                        _feeds(state=state_cpu, action=a, noise=step_noise(t, tr_names)),
+                        _feeds(
+                            state=state_cpu, action=a, noise=step_noise(t, tr_names), conds=conds
+                        ),
                         ref_states,
                         cand_states if isinstance(cand_states, dict) else {},
                     ),
@@ -684,7 +703,7 @@ def _rollout_modes(run: _Run, modes: Collection[str], batch: int, seed: int, hor
                 run.sites.setdefault(
                     ("teacher_forced", "decode", batch, t + 1),
                     _Site(
-                        _feeds(state=nxt_cpu, noise=step_noise(t, dec_names)),
+                        _feeds(state=nxt_cpu, noise=step_noise(t, dec_names), conds=conds),
                         ref_preds,
                         cand_preds if isinstance(cand_preds, dict) else {},
                     ),
@@ -695,10 +714,10 @@ def _rollout_modes(run: _Run, modes: Collection[str], batch: int, seed: int, hor
     if "free_running" in modes:
         curves = _new_curves(run, "free_running", batch)
         ref_traj = _call_reference(
-            "rollout", lambda: _rollout(ref, s0, actions, noise, horizon, rd)
+            "rollout", lambda: _rollout(ref, s0, actions, noise, conds, horizon, rd)
         )
         cand_traj = _call_candidate(
-            run, "rollout", lambda: _rollout(cand, s0_cpu, actions, noise, horizon, cd)
+            run, "rollout", lambda: _rollout(cand, s0_cpu, actions, noise, conds, horizon, cd)
         )
         if isinstance(cand_traj, str):
             for curve in curves.values():
@@ -719,13 +738,14 @@ def _rollout(
     state: State,
     actions: Tensor | None,
     noise: Mapping[str, Tensor],
+    conds: Mapping[str, Tensor],
     horizon: int,
     device: torch.device,
 ) -> tuple[list[State], list[Arrays]]:
     """States after each step and predictions of each step, through ``model.rollout``."""
     if actions is None:
         raise ParityError("free-running rollouts need an action in the contract")
-    cond = _conditions(noise)
+    cond = _conditions(noise, conds)
     traj = model.rollout(
         _to(state, device), _to(actions, device), _to(cond, device), deterministic=False
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,8 @@ KNOWN_GRAPHS = (*ALL_GRAPHS, ROLLOUT)
 #: ``<graph>.mode`` is the deterministic variant of a stochastic graph: the step with
 #: ``deterministic=True`` (the distribution's mode), without noise inputs.
 MODE_SUFFIX = ".mode"
+#: Input name prefix of side conditions (`IOContract.conditions`).
+COND = "cond."
 #: Graphs whose protocol step takes ``deterministic`` (``decode`` does not).
 MODE_GRAPHS = ("encode", "transition", "update", ROLLOUT)
 
@@ -44,7 +47,8 @@ class Port:
     """One named graph input or output.
 
     Inputs are ``obs.<name>``, ``state.<key>``, ``action`` and ``noise.<name>``; outputs are
-    ``new_state.<key>`` (encode, transition, update) or ``pred.<key>`` (decode). The fused
+    ``new_state.<key>`` (encode, transition, update) or ``pred.<key>`` (decode). Side conditions
+    are ``cond.<name>`` inputs of every step that reads them. The fused
     ``rollout`` graph takes ``actions`` and ``noise.<name>`` and gives ``states.<key>`` and
     ``pred.<key>`` with a fixed leading time axis (``lead``) before the batch axis.
     """
@@ -123,23 +127,47 @@ def signature(contract: IOContract, graph: str, *, horizon: int | None = None) -
     obs = tuple(Port(f"obs.{s.name}", s) for s in contract.observations)
     state = tuple(Port(f"state.{s.name}", s) for s in contract.state)
     action = (Port("action", contract.action),) if contract.action is not None else ()
+    cond = _condition_ports(contract)
     noise_specs = () if mode else contract.noise_for(graph)
     noise = tuple(Port(f"noise.{n.name}", n.as_tensor_spec()) for n in noise_specs)
     inputs: tuple[Port, ...]
     if graph == "encode":
-        inputs = obs + noise
+        inputs = obs + cond + noise
     elif graph == "transition":
-        inputs = state + action + noise
+        inputs = state + action + cond + noise
     elif graph == "update":
-        inputs = state + action + obs + noise
+        inputs = state + action + obs + cond + noise
     else:
-        inputs = state + noise
+        inputs = state + cond + noise
     if graph == "decode":
         outputs = tuple(Port(f"pred.{s.name}", s) for s in contract.predictions)
     else:
         # ONNX names are single-assignment: a state output cannot reuse its input's name.
         outputs = tuple(Port(f"new_state.{s.name}", s) for s in contract.state)
     return GraphSignature(full, inputs, outputs, tuple(n.name for n in noise_specs))
+
+
+def _condition_ports(contract: IOContract) -> tuple[Port, ...]:
+    # Every step may read any side condition; the exporter drops those a step leaves unused.
+    return tuple(Port(f"{COND}{s.name}", s) for s in contract.conditions)
+
+
+def without_unused_conditions(sig: GraphSignature, names: Sequence[str]) -> GraphSignature:
+    """``sig`` without the ``cond.*`` inputs missing from ``names`` (the graph's real inputs).
+
+    Raises:
+        ExportError: ``names`` lacks an input that is not a side condition, or holds one
+            ``sig`` does not declare.
+    """
+    kept = tuple(p for p in sig.inputs if p.name in names or not p.name.startswith(COND))
+    if [p.name for p in kept] != list(names):
+        raise ExportError(
+            f"graph {sig.graph!r} has inputs {list(names)}, expected {sig.input_names}",
+            hint="every declared input but a side condition must be used by the step "
+            "(unused ones are dropped)",
+            graph=sig.graph,
+        )
+    return dataclasses.replace(sig, inputs=kept)
 
 
 def rollout_noise(contract: IOContract) -> tuple[NoiseSpec, ...]:
@@ -165,7 +193,9 @@ def _rollout_signature(
         )
     lead = (horizon,)
     state = tuple(Port(f"state.{s.name}", s) for s in contract.state)
-    action = (Port("actions", contract.action, lead),)
+    # Side conditions hold for the whole rollout: no time axis, as the torch rollout passes
+    # them unchanged to every step.
+    action = (Port("actions", contract.action, lead), *_condition_ports(contract))
     specs = () if mode else rollout_noise(contract)
     noise = tuple(Port(f"noise.{n.name}", n.as_tensor_spec(), lead) for n in specs)
     outputs = tuple(Port(f"states.{s.name}", s, lead) for s in contract.state) + tuple(
@@ -223,7 +253,8 @@ class GraphModule(nn.Module):
         model: Any = self.model
         graph = self.sig.base
         det = self.sig.deterministic
-        conditions = noise_conditions(group["noise"]) if group["noise"] else None
+        extras = group["noise"] or group["cond"]
+        conditions = noise_conditions(group["noise"], group["cond"]) if extras else None
         action = named.get("action")
         if graph == ROLLOUT:
             traj = model.rollout(State(group["state"]), named["actions"], conditions, det)
@@ -250,7 +281,7 @@ def _prefixed(prefix: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _groups(named: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    out: dict[str, dict[str, Tensor]] = {"obs": {}, "state": {}, "noise": {}}
+    out: dict[str, dict[str, Tensor]] = {"obs": {}, "state": {}, "noise": {}, "cond": {}}
     for name, value in named.items():
         prefix, _, key = name.partition(".")
         if prefix in out:

@@ -29,6 +29,7 @@ from worldflux_registry.errors import ExportError
 
 from ._graphs import (
     ALL_GRAPHS,
+    COND,
     KNOWN_GRAPHS,
     MODE_GRAPHS,
     MODE_SUFFIX,
@@ -39,6 +40,7 @@ from ._graphs import (
     example_inputs,
     rollout_noise,
     signature,
+    without_unused_conditions,
 )
 from ._manifest import (
     FORMAT,
@@ -114,12 +116,6 @@ def export_model(
     opset = DEFAULT_OPSET if opset is None else int(opset)
     contract: IOContract = model.io_contract()  # type: ignore[operator]
     selected = _select_graphs(model, graphs)
-    if contract.conditions:
-        raise ExportError(
-            "the contract declares side conditions "
-            f"{[c.name for c in contract.conditions]}, which the ONNX exporter does not map yet",
-            hint="export a model without side conditions",
-        )
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise ExportError(
             f"{out} exists and is not an export directory",
@@ -248,13 +244,8 @@ def _export_graph(
         program = _torch_export(exported, sig, opset)
     except Exception as exc:
         raise _export_failure(exported, sig, opset, exc) from exc
-    names = [v.name for v in program.model.graph.inputs]
-    if names != sig.input_names:
-        raise ExportError(
-            f"graph {sig.graph!r} has inputs {names}, expected {sig.input_names}",
-            hint="every declared input must be used by the step (unused ones are dropped)",
-            graph=sig.graph,
-        )
+    _drop_unread_conditions(program.model.graph)
+    sig = without_unused_conditions(sig, [v.name for v in program.model.graph.inputs])
     _name_batch_axis(program.model.graph, sig.inputs[0].batch_axis)
     axes = {p.name: p.batch_axis for p in (*sig.inputs, *sig.outputs)}
     fixed = [
@@ -294,6 +285,14 @@ def _export_graph(
     if data:
         entry["external_data"] = [{"file": p.name, "sha256": sha256_file(p)} for p in data]
     return entry
+
+
+def _drop_unread_conditions(graph: Any) -> None:
+    """Remove ``cond.*`` inputs nothing reads: a step that ignores a side condition must not
+    make its callers pass one."""
+    graph.inputs[:] = [
+        v for v in graph.inputs if not v.name.startswith(COND) or v.uses() or v.is_graph_output()
+    ]
 
 
 def _name_batch_axis(graph: Any, axis: int) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from worldflux_registry._contract import Capability, IOContract
+from worldflux_registry._contract import Capability, IOContract, condition_key
 from worldflux_registry._model import ActionLike, ObsLike, WorldModel, step_slice
 from worldflux_registry._payloads import (
     ActionPayload,
@@ -23,7 +23,14 @@ from worldflux_registry._payloads import (
 from worldflux_registry._state import State
 from worldflux_registry.errors import BackendError, CapabilityError, ContractError, ExportError
 
-from ._graphs import MODE_SUFFIX, ROLLOUT, GraphSignature, signature
+from ._graphs import (
+    COND,
+    MODE_SUFFIX,
+    ROLLOUT,
+    GraphSignature,
+    signature,
+    without_unused_conditions,
+)
 from ._manifest import META_FINGERPRINT, META_GRAPH, read_manifest, sha256_file
 from ._providers import ProviderPlan, resolve_providers
 
@@ -200,6 +207,11 @@ def load_artifact(
         expected = signature(contract, graph, horizon=entry.get("horizon"))
         got_in = [i.name for i in session.get_inputs()]
         got_out = [o.name for o in session.get_outputs()]
+        try:
+            # A step that does not read a side condition has no input for it.
+            expected = without_unused_conditions(expected, got_in)
+        except ExportError:
+            pass  # reported below, with the outputs
         if got_in != expected.input_names or got_out != expected.output_names:
             raise ExportError(
                 f"graph {graph!r} has inputs {got_in} and outputs {got_out}, the contract says "
@@ -259,8 +271,11 @@ class OnnxWorldModel(WorldModel):
         self.plan = plan
         self._contract = contract
         self._signatures = {
-            g: signature(contract, g, horizon=manifest["graphs"][g].get("horizon"))
-            for g in sessions
+            g: without_unused_conditions(
+                signature(contract, g, horizon=manifest["graphs"][g].get("horizon")),
+                [i.name for i in s.get_inputs()],
+            )
+            for g, s in sessions.items()
         }
         self._graphs = {g: _GraphRun(self._signatures[g], s, contract) for g, s in sessions.items()}
         self._state_ports = tuple((k, f"state.{k}") for k in contract.state_keys)
@@ -426,7 +441,7 @@ class OnnxWorldModel(WorldModel):
                 if in_place:
                     out = {f"states.{k}": buf[span] for k, buf in state_buf.items()}
                     out.update({f"pred.{k}": buf[span] for k, buf in pred_buf.items()})
-                result = self._run(fused, inputs, batch, out)
+                result = self._run(fused, inputs, batch, out, conditions)
                 chunk = {k: result[f"states.{k}"] for k, _ in self._state_ports}
                 states.extend(State({k: v[i] for k, v in chunk.items()}) for i in range(horizon))
                 state = states[-1]
@@ -561,7 +576,7 @@ class OnnxWorldModel(WorldModel):
                     inputs[port] = given
                 else:  # sampled, or a malformed extra that WorldModel.noise names
                     inputs[port] = self.noise(name, conditions, batch, device=self.device)
-        return self._run(run, inputs, batch, out)
+        return self._run(run, inputs, batch, out, conditions)
 
     def _run(
         self,
@@ -569,7 +584,18 @@ class OnnxWorldModel(WorldModel):
         inputs: dict[str, Tensor],
         batch: int,
         out: dict[str, Tensor] | None,
+        conditions: ConditionPayload | None,
     ) -> dict[str, Tensor]:
+        for name, port in run.conditions:
+            value = self.condition(name, conditions)
+            if value is None or value.shape[0] != batch:
+                key = condition_key(name)
+                got = "none was given" if value is None else f"its batch is {value.shape[0]}"
+                raise ContractError(
+                    f"the {run.graph} graph reads side condition {key!r} for batch {batch}; " + got,
+                    hint=f"pass ConditionPayload({{{key!r}: tensor}}) with the step's batch",
+                )
+            inputs[port] = value
         feed = {}
         for name, want in run.inputs:
             value = inputs[name]
@@ -614,6 +640,8 @@ class _GraphRun:
         self.lead: tuple[int, ...] = (self.horizon,) if self.horizon else ()
         #: Graph inputs in order, each with the torch dtype it must have.
         self.inputs = tuple((p.name, getattr(torch, p.spec.dtype)) for p in sig.inputs)
+        #: (condition name, graph input) of the side conditions the graph reads
+        self.conditions = tuple((p.key, p.name) for p in sig.inputs if p.name.startswith(COND))
         #: (noise name, graph input, condition key, shape after the batch dim)
         self.noise = tuple(
             (
