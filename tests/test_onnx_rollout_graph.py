@@ -348,3 +348,33 @@ def test_deterministic_fused_rollout_uses_rollout_mode_or_the_noise_free_graph(
     )
     assert calls == 2
     assert_agree("deterministic", contract.predictions, want.predictions, got.predictions, 1e-4)
+
+
+def test_cuda_graph_bookkeeping_runs_on_cpu_and_never_lends_its_buffers(pair):
+    """The fixed-buffer path CUDA graphs use (one binding per graph and batch, inputs copied in,
+    outputs copied out), run by ONNX Runtime's CPU provider, which ignores the graph ids."""
+    from worldflux_onnx.runtime import _BoundRunner, load_artifact
+
+    fixed = load_artifact(pair.directory, providers=["cpu"])
+    fixed._runner = _BoundRunner(torch.device("cpu"), cuda_graph=True)
+    contract = pair.model.io_contract()
+    held = None
+    for batch in (1, 3, 1):
+        obs, enc, actions, extras = _inputs(contract, HORIZON + 1, batch, seed=batch)
+        cond = ConditionPayload(extras) if extras else None
+        start = pair.onnx.encode(encode_input(obs, enc))
+        got = fixed.rollout(start, actions, cond)
+        want = pair.onnx.rollout(start, actions, cond)
+        assert_agree(f"fixed b={batch}", contract.predictions, want.predictions, got.predictions, 0)
+        if held is None:
+            held = {k: (v, v.clone()) for k, v in got.predictions.items()}
+    for value, copy in held.values():  # later replays wrote into their own buffers, not these
+        assert torch.equal(value, copy)
+    obs, enc, _, _ = _inputs(contract, 1, 3, seed=5)
+    first = fixed.encode(encode_input(obs, enc))
+    kept = {k: v.clone() for k, v in first.tensors.items()}
+    fixed.encode(encode_input({k: v + 1 for k, v in obs.items()}, enc))  # replays b=3 again
+    assert_agree("a held encode result", contract.state, kept, first.tensors, 0)
+    captured = fixed._runner._captured
+    graphs = ("rollout", "transition", "decode", "encode")
+    assert set(captured) == {(g, b) for g in graphs for b in (1, 3)} - {("encode", 1)}
