@@ -111,12 +111,14 @@ class Encoder(nn.Module):
             self.cnn = nn.Sequential(*layers)
 
     def forward(self, obs: Mapping[str, Tensor]) -> Tensor:
+        # The weights' dtype: float32, or float16 in the half copy an fp16 export traces.
+        dtype = next(self.parameters()).dtype
         outs = []
         if self.obs_dim:
-            outs.append(self.mlp(symlog(obs["vector"].float())))
+            outs.append(self.mlp(symlog(obs["vector"].to(dtype))))
         if self.image:
             img = obs["image"]
-            x = img.float() / 255.0 - 0.5 if img.dtype == torch.uint8 else img.float() - 0.5
+            x = img.to(dtype) / 255.0 - 0.5 if img.dtype == torch.uint8 else img.to(dtype) - 0.5
             x = self.cnn(x.permute(0, 3, 1, 2))
             # Flatten channels last, like the official HWC layout.
             outs.append(x.permute(0, 2, 3, 1).flatten(1))
@@ -298,10 +300,16 @@ class DreamerV3WorldModel(WorldModel):
     def initial_tensors(self, batch: int, device: torch.device | None = None) -> dict[str, Tensor]:
         """The zero carry (official ``RSSM.initial``) the first step starts from."""
         device = device or self.bins.device
+        dtype = self._dtype
         return {
-            "deter": torch.zeros(batch, self.deter, device=device),
-            "stoch": torch.zeros(batch, self.stoch, self.classes, device=device),
+            "deter": torch.zeros(batch, self.deter, device=device, dtype=dtype),
+            "stoch": torch.zeros(batch, self.stoch, self.classes, device=device, dtype=dtype),
         }
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        """Compute dtype: float32, or float16 in the half copy an fp16 export traces."""
+        return self.dynin0.linear.weight.dtype
 
     def _obs_tensors(self, obs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         missing = [k for k in self.obs_keys if k not in obs]
@@ -324,7 +332,7 @@ class DreamerV3WorldModel(WorldModel):
         first = next(iter(tensors.values()))
         batch, device = first.shape[0], first.device
         zero = self.initial_tensors(batch, device)
-        action = torch.zeros(batch, self.action_dim, device=device)
+        action = torch.zeros(batch, self.action_dim, device=device, dtype=self._dtype)
         return self._observe(zero, action, tensors, conditions, deterministic)
 
     def update(
@@ -360,7 +368,7 @@ class DreamerV3WorldModel(WorldModel):
         conditions: ConditionPayload | None,
         deterministic: bool,
     ) -> State:
-        deter = self._core(carry["deter"], carry["stoch"], action.float())
+        deter = self._core(carry["deter"], carry["stoch"], action.to(self._dtype))
         embed = self.encoder(obs)
         noise = (
             None
@@ -381,7 +389,7 @@ class DreamerV3WorldModel(WorldModel):
         act = self.action_tensor(action)
         if act is None:
             raise ContractError("transition() needs an action", family=self.family)
-        deter = self._core(state["deter"], state["stoch"], act.float())
+        deter = self._core(state["deter"], state["stoch"], act.to(self._dtype))
         noise = (
             None
             if deterministic
