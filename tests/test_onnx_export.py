@@ -505,3 +505,35 @@ def test_a_graph_the_model_does_not_advertise_is_refused(tmp_path):
     with pytest.raises(ExportError, match="does not advertise 'decode'") as info:
         export(NoDecode(), "onnx", tmp_path / "nd", graphs=("decode",), check=False)
     assert info.value.graph == "decode"
+
+
+def test_fp16_export_of_dreamerv3_passes_its_check_and_a_tampered_one_fails(tmp_path):
+    """Half-precision tolerances are loose enough for fp16 rounding, tight enough for a bug."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    from worldflux_onnx._manifest import sha256_file
+
+    from worldflux_registry import parity
+
+    torch.manual_seed(0)
+    model = registry.load("dreamerv3:ci")
+    out = export(model, "onnx", tmp_path / "half", precision="fp16")  # check=True
+    summary = json.loads((out / "manifest.json").read_text())["parity"]
+    assert summary["passed"] is True, summary["failures"]
+    path = out / "transition.onnx"
+    proto = onnx.load(str(path))
+    for i, init in enumerate(proto.graph.initializer):
+        array = numpy_helper.to_array(init)
+        if array.dtype.kind == "f" and array.ndim == 2:
+            # A layout bug: the weight's input columns in reverse order.
+            bad = np.ascontiguousarray(array[:, ::-1])
+            proto.graph.initializer[i].CopyFrom(numpy_helper.from_array(bad, init.name))
+            break
+    onnx.save(proto, str(path))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["graphs"]["transition"]["sha256"] = sha256_file(path)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    report = parity.check(model, registry.load(out), batch_sizes=(4,), horizon=4)
+    assert not report.passed
+    assert any(c.graph == "transition" and not c.passed for c in report.steps)

@@ -378,3 +378,17 @@ def test_cuda_graph_bookkeeping_runs_on_cpu_and_never_lends_its_buffers(pair):
     captured = fixed._runner._captured
     graphs = ("rollout", "transition", "decode", "encode")
     assert set(captured) == {(g, b) for g in graphs for b in (1, 3)} - {("encode", 1)}
+
+
+def test_fp16_fused_graph_keeps_fp32_io_and_passes_parity_at_fp16_tolerances(tmp_path):
+    torch.manual_seed(0)
+    model = registry.load("toyfamily:tiny")
+    graphs = ("encode", "transition", "decode", "rollout")
+    out = export(model, "onnx", tmp_path / "half", graphs=graphs, precision="fp16", check=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parity"]["passed"] is True
+    proto = onnx.load(str(out / "rollout.onnx")).graph
+    f32 = onnx.TensorProto.FLOAT
+    floats = [v for v in [*proto.input, *proto.output] if v.type.tensor_type.elem_type in (f32, 10)]
+    assert floats and all(v.type.tensor_type.elem_type == f32 for v in floats)
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in proto.initializer)

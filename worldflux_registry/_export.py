@@ -101,6 +101,11 @@ def check_export(
     """Load the artifact in ``out`` with its exporter's loader, run `parity.check` against
     ``model`` (``options`` go to it) and store the summary in the manifest's ``parity`` entry.
 
+    Unless ``options`` say otherwise, the rollouts cover at least one horizon of a fused
+    rollout graph, and a half-precision artifact is judged on its steps (``enforce``), its
+    rollouts reported but not failing: one categorical sample flipped by rounding is a large
+    flip rate in a small batch, and sends a free-running rollout down another path.
+
     Returns None (with a warning) only when the parity package cannot be imported.
     """
     from ._discovery import resolve_target
@@ -118,6 +123,7 @@ def check_export(
     try:
         from . import parity
         from .parity._check import DEFAULT_HORIZON
+        from .parity._tolerance import normalize_precision
     except ImportError:  # pragma: no cover - parity ships with the core; guard a broken install
         warnings.warn("worldflux_registry.parity is unavailable: export not checked", stacklevel=3)
         return None
@@ -125,6 +131,12 @@ def check_export(
         spec.loader, what=f"exporter {spec.name!r} loader", distribution=spec.distribution
     )
     candidate = loader(Path(out))
+    half = normalize_precision(getattr(candidate, "precision", None)) in ("float16", "bfloat16")
+    if half and "enforce" not in options:
+        # In half precision a categorical sample can flip (see DEFAULT_TOLERANCES): one flip
+        # in a small batch is a large flip *rate*, and a free-running rollout then follows
+        # another path. Judge each graph on the same inputs; report the rollouts.
+        options["enforce"] = ("step",)
     fused = getattr(candidate, "fused_rollout_horizon", None)
     if isinstance(fused, int) and fused > DEFAULT_HORIZON and "horizon" not in options:
         # Roll out at least one fused call, so the check covers the fused graph too.

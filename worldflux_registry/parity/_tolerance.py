@@ -61,13 +61,18 @@ class Tolerance:
             ) from None
 
 
-#: Default tolerance per compute dtype (the same as ``torch.testing.assert_close``).
+#: Default tolerance per compute dtype. float64 and float32 are ``torch.testing.assert_close``'s
+#: values. Those for float16 and bfloat16 are for one op: a whole network computed in half
+#: rounds at every layer (an fp16 export of ``dreamerv3:ci`` is off by up to 3e-4 absolute and
+#: 6e-3 relative), and a categorical sample whose two best logits are that close can flip
+#: (0.2 to 0.5% of DreamerV3's categoricals at fp16), so half precisions get network-level
+#: values: ten times the element tolerance, and a small flip rate.
 DEFAULT_TOLERANCES: Final[Mapping[str, Tolerance]] = MappingProxyType(
     {
         "float64": Tolerance(rtol=1e-7, atol=1e-7),
         "float32": Tolerance(rtol=1.3e-6, atol=1e-5),
-        "float16": Tolerance(rtol=1e-3, atol=1e-5),
-        "bfloat16": Tolerance(rtol=1.6e-2, atol=1e-5),
+        "float16": Tolerance(rtol=1e-2, atol=1e-3, max_flip_rate=0.01),
+        "bfloat16": Tolerance(rtol=5e-2, atol=1e-2, max_flip_rate=0.02),
     }
 )
 #: Integer and boolean outputs must match exactly.
