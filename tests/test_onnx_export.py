@@ -537,3 +537,22 @@ def test_fp16_export_of_dreamerv3_passes_its_check_and_a_tampered_one_fails(tmp_
     report = parity.check(model, registry.load(out), batch_sizes=(4,), horizon=4)
     assert not report.passed
     assert any(c.graph == "transition" and not c.passed for c in report.steps)
+
+
+def test_cli_info_on_an_export_lists_its_graphs_and_parity(tmp_path, capsys, monkeypatch):
+    from worldflux_registry._cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")  # rich folds table cells to the terminal's width
+
+    out = tmp_path / "info"
+    args = ["export", THIRD_PARTY, "--out", str(out), "--graphs", "transition,decode,rollout"]
+    assert main([*args, "--rollout-horizon", "2"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["info", str(out), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data["manifest"]["graphs"]) == {"transition", "decode", "rollout"}
+    assert data["manifest"]["parity"]["passed"] is True
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Graphs" in text and "fused: 2 steps per call" in text
+    assert "parity" in text and "passed" in text

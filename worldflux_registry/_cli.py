@@ -186,12 +186,60 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _info_artifact(args: argparse.Namespace, resolved: dict[str, Any]) -> int:
+    from ._artifact import read_artifact_manifest
+
+    manifest = read_artifact_manifest(resolved["path"])
     if args.json:
-        _print_json({"resolved": resolved})
+        _print_json({"resolved": resolved, "manifest": manifest})
         return 0
+    from rich.table import Table
+
     console = _console()
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column(overflow="fold")
     for key in ("kind", "artifact_format", "family", "preset", "fingerprint", "path"):
-        console.print(f"[bold]{key}[/bold]  {resolved[key]}")
+        head.add_row(key, str(resolved[key]))
+    for key in ("precision", "opset"):
+        if key in manifest:
+            head.add_row(key, str(manifest[key]))
+    parity = manifest.get("parity")
+    if isinstance(parity, dict):
+        verdict = (
+            "passed"
+            if parity.get("passed")
+            else "FAILED: " + ", ".join(map(str, parity.get("failures") or []))
+        )
+        head.add_row(
+            "parity",
+            f"{verdict} (batches {parity.get('batch_sizes')}, "
+            f"horizon {parity.get('horizon')}, {parity.get('created', '')})",
+        )
+    else:
+        head.add_row("parity", "not checked")
+    console.print(head)
+    graphs = manifest.get("graphs")
+    if isinstance(graphs, dict) and graphs:
+        table = Table(title="Graphs", title_justify="left")
+        for column in ("graph", "file", "inputs", "outputs", "notes"):
+            table.add_column(column, overflow="fold")
+        for name, entry in graphs.items():
+            entry = entry if isinstance(entry, dict) else {}
+            notes = []
+            if "horizon" in entry:
+                notes.append(f"fused: {entry['horizon']} steps per call")
+            if "mode_of" in entry:
+                notes.append(f"deterministic {entry['mode_of']}")
+            if "export_seconds" in entry:
+                notes.append(f"exported in {entry['export_seconds']} s")
+            table.add_row(
+                name,
+                str(entry.get("file", "?")),
+                ", ".join(str(i.get("name")) for i in entry.get("inputs", [])),
+                ", ".join(str(o.get("name")) for o in entry.get("outputs", [])),
+                "; ".join(notes),
+            )
+        console.print(table)
     return 0
 
 
