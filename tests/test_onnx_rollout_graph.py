@@ -392,3 +392,15 @@ def test_fp16_fused_graph_keeps_fp32_io_and_passes_parity_at_fp16_tolerances(tmp
     floats = [v for v in [*proto.input, *proto.output] if v.type.tensor_type.elem_type in (f32, 10)]
     assert floats and all(v.type.tensor_type.elem_type == f32 for v in floats)
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in proto.initializer)
+
+
+def test_time_major_noise_shorter_than_the_rollout_is_a_contract_error_on_both_sides(pair):
+    contract = pair.model.io_contract()
+    if not contract.noise_for("transition"):
+        pytest.skip(f"{pair.ref} takes no transition noise")
+    obs, enc, actions, extras = _inputs(contract, HORIZON + 2, 2)
+    short = ConditionPayload({k: v[:HORIZON] for k, v in extras.items()})
+    start = pair.onnx.encode(encode_input(obs, enc))
+    for model in (pair.model, pair.onnx):
+        with torch.no_grad(), pytest.raises(ContractError, match="time steps"):
+            model.rollout(start, actions, short)

@@ -435,6 +435,12 @@ def step_slice(
     for key, value in conditions.extras.items():
         rank = ranks.get(key)
         if rank is not None and isinstance(value, Tensor) and value.dim() == rank + 1:
+            if value.shape[0] <= t:
+                raise ContractError(
+                    f"noise {key!r} has {value.shape[0]} time steps; rollout step {t + 1} "
+                    "needs one more",
+                    hint="give time-major noise [T, batch, ...] for every step of the rollout",
+                )
             value = value[t]
         extras[key] = value
     return ConditionPayload(extras)
