@@ -48,9 +48,9 @@ class Port:
 
     Inputs are ``obs.<name>``, ``state.<key>``, ``action`` and ``noise.<name>``; outputs are
     ``new_state.<key>`` (encode, transition, update) or ``pred.<key>`` (decode). Side conditions
-    are ``cond.<name>`` inputs of every step that reads them. The fused
-    ``rollout`` graph takes ``actions`` and ``noise.<name>`` and gives ``states.<key>`` and
-    ``pred.<key>`` with a fixed leading time axis (``lead``) before the batch axis.
+    are ``cond.<name>`` inputs of every step that reads them. The fused ``rollout`` graph takes
+    ``actions`` and ``noise.<name>`` and gives ``states.<key>`` and ``pred.<key>`` with a fixed
+    leading time axis (``lead``) before the batch axis.
     """
 
     name: str
@@ -193,9 +193,10 @@ def _rollout_signature(
         )
     lead = (horizon,)
     state = tuple(Port(f"state.{s.name}", s) for s in contract.state)
+    actions = (Port("actions", contract.action, lead),)
     # Side conditions hold for the whole rollout: no time axis, as the torch rollout passes
     # them unchanged to every step.
-    action = (Port("actions", contract.action, lead), *_condition_ports(contract))
+    cond = _condition_ports(contract)
     specs = () if mode else rollout_noise(contract)
     noise = tuple(Port(f"noise.{n.name}", n.as_tensor_spec(), lead) for n in specs)
     outputs = tuple(Port(f"states.{s.name}", s, lead) for s in contract.state) + tuple(
@@ -203,7 +204,7 @@ def _rollout_signature(
     )
     name = ROLLOUT + MODE_SUFFIX if mode else ROLLOUT
     return GraphSignature(
-        name, state + action + noise, outputs, tuple(n.name for n in specs), horizon
+        name, state + actions + cond + noise, outputs, tuple(n.name for n in specs), horizon
     )
 
 
@@ -262,7 +263,7 @@ class GraphModule(nn.Module):
             out = {
                 f"states.{k}": torch.stack([s.tensors[k] for s in states]) for k in group["state"]
             }
-            out.update({f"pred.{k}": v for k, v in (traj.predictions or {}).items()})
+            out.update(_prefixed("pred", traj.predictions or {}))
             return out
         if graph == "encode":
             result = model.encode(WorldModelInput(group["obs"], conditions), det).tensors

@@ -38,7 +38,6 @@ from ._graphs import (
     GraphSignature,
     check_graphs,
     example_inputs,
-    rollout_noise,
     signature,
     without_unused_conditions,
 )
@@ -141,17 +140,16 @@ def export_model(
         model.eval()
         traced = _half_model(model) if precision == "fp16" else model
         entries: dict[str, Any] = {}
-        names: list[str] = []
+        sigs: list[GraphSignature] = []
         for graph in selected:
-            names.append(graph)
-            noisy = rollout_noise(contract) if graph == ROLLOUT else contract.noise_for(graph)
-            if mode_graphs and graph in MODE_GRAPHS and noisy:
-                names.append(graph + MODE_SUFFIX)
-        for graph in names:
+            horizon = rollout_horizon if graph == ROLLOUT else None
+            sigs.append(signature(contract, graph, horizon=horizon))
+            if mode_graphs and graph in MODE_GRAPHS and sigs[-1].noise:
+                sigs.append(signature(contract, graph + MODE_SUFFIX, horizon=horizon))
+        for sig in sigs:
+            graph = sig.graph
             if progress is not None:
                 progress(graph, "start")
-            fused = graph.removesuffix(MODE_SUFFIX) == ROLLOUT
-            sig = signature(contract, graph, horizon=rollout_horizon if fused else None)
             entries[graph] = _export_graph(
                 traced,
                 sig,
