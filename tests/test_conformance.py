@@ -20,6 +20,7 @@ from worldflux_registry._contract import Capability, IOContract  # noqa: E402
 from worldflux_registry._inputs import (  # noqa: E402
     encode_input,
     make_actions,
+    make_conditions,
     make_noise,
     make_observations,
     noise_conditions,
@@ -123,26 +124,24 @@ class Steps:
             g: make_noise(contract, g, (BATCH,), gen, device)
             for g in ("encode", "transition", "update", "decode")
         }
+        # Side conditions (a multi-task model's task ids) go with every call, noise or not.
+        self.conds = make_conditions(contract, (BATCH,), gen, device)
 
-    def conditions(self, graph: str):
-        noise = self.noise[graph]
-        return noise_conditions(noise) if noise else None
+    def conditions(self, graph: str, deterministic: bool = False):
+        noise = {} if deterministic else self.noise[graph]
+        return noise_conditions(noise, self.conds) if noise or self.conds else None
 
     def encode(self, deterministic: bool = False) -> State:
-        if deterministic:
-            return self.model.encode(self.obs, deterministic=True)
-        return self.model.encode(encode_input(self.obs, self.noise["encode"]))
+        noise = {} if deterministic else self.noise["encode"]
+        return self.model.encode(encode_input(self.obs, noise, self.conds), deterministic)
 
     def transition(self, state: State, deterministic: bool = False) -> State:
-        if deterministic:
-            return self.model.transition(state, self.action, deterministic=True)
-        return self.model.transition(state, self.action, self.conditions("transition"))
+        cond = self.conditions("transition", deterministic)
+        return self.model.transition(state, self.action, cond, deterministic)
 
     def update(self, state: State, deterministic: bool = False) -> State:
-        if deterministic:
-            return self.model.update(state, self.action, self.next_obs, deterministic=True)
-        cond = self.conditions("update")
-        return self.model.update(state, self.action, self.next_obs, cond)
+        cond = self.conditions("update", deterministic)
+        return self.model.update(state, self.action, self.next_obs, cond, deterministic)
 
     def decode(self, state: State):
         return self.model.decode(state, self.conditions("decode"))
@@ -271,8 +270,9 @@ def test_rollout_returns_one_state_per_action(case):
     horizon = 4
     actions = make_actions(case.contract, (horizon, BATCH), gen)
     with torch.no_grad():
-        state = Steps(model, case.contract, "cpu").encode(deterministic=True)
-        traj = model.rollout(state, actions, deterministic=True)
+        steps = Steps(model, case.contract, "cpu")
+        state = steps.encode(deterministic=True)
+        traj = model.rollout(state, actions, steps.conditions("transition", True), True)
     assert len(traj.states) == horizon + 1
     for key, value in traj.predictions.items():
         assert tuple(value.shape[:2]) == (horizon, BATCH), key

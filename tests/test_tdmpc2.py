@@ -317,7 +317,7 @@ def test_ci_preset_learns_the_point_mass_in_300_steps(one_thread):
 def preset_table() -> str:
     """The preset table of docs/families/tdmpc2.md, generated from the spec."""
     fields = ("enc_dim", "mlp_dim", "latent_dim", "num_enc_layers", "num_q", "obs_dim")
-    fields += ("action_dim",)
+    fields += ("action_dim", "tasks")
     rows = [
         "| preset | " + " | ".join(fields) + " | parameters |",
         "|---|" + "---:|" * (len(fields) + 1),
@@ -336,3 +336,80 @@ def test_docs_preset_table_matches_the_spec():
     start = page.index("-->", page.index("<!-- preset-table")) + len("-->")
     table = page[start : page.index("<!-- /preset-table -->")].strip()
     assert table == preset_table(), "regenerate the table with tests/test_tdmpc2.py:preset_table"
+
+
+# -- multi-task -------------------------------------------------------------------------------
+def _mt_inputs(batch=4, seed=0):
+    from worldflux_registry._inputs import make_actions, make_conditions, make_observations
+
+    model = registry.load("tdmpc2:ci-mt").eval()
+    contract = model.io_contract()
+    gen = torch.Generator().manual_seed(seed)
+    obs = make_observations(contract, (batch,), gen)
+    actions = make_actions(contract, (3, batch), gen)
+    return model, contract, obs, actions, make_conditions(contract, (batch,), gen)
+
+
+def test_multitask_contract_declares_the_task_condition_and_the_embedding_conditions_every_head():
+    model, contract, obs, actions, _ = _mt_inputs()
+    (task,) = contract.conditions
+    assert (task.name, task.dtype, task.kind, task.classes) == ("task", "int64", "discrete", 3)
+    assert model.task_emb is not None and model.task_emb.weight.shape == (3, 8)
+    from worldflux_registry import ConditionPayload, WorldModelInput
+
+    vector = obs["vector"][:1].expand(3, -1)  # one observation, seen under each task
+    cond = ConditionPayload({"wf.cond.task": torch.arange(3)})
+    with torch.no_grad():
+        state = model.encode(WorldModelInput({"vector": vector}, cond))
+        nxt = model.transition(state, actions[0][:1].expand(3, -1), cond)
+        pred = model.decode(nxt, cond).predictions
+    for latent in (state["latent"], nxt["latent"], pred["policy_mean"]):
+        assert not torch.allclose(latent[0], latent[1]) and not torch.allclose(latent[1], latent[2])
+
+
+def test_multitask_steps_without_task_ids_name_the_condition():
+    from worldflux_registry import ContractError
+
+    model, _, obs, _, _ = _mt_inputs()
+    with pytest.raises(ContractError, match=r"wf\.cond\.task"):
+        model.encode(obs)
+    with pytest.raises(ContractError, match=r"batch\['task'\]"):
+        model.loss(_batch())
+
+
+def test_multitask_embedding_rows_are_used_at_norm_at_most_one():
+    model, *_ = _mt_inputs()
+    with torch.no_grad():
+        model.task_emb.weight.mul_(10.0)  # rows far outside the unit ball
+        out = model.with_task(torch.zeros(3, 0), torch.arange(3))
+    assert torch.allclose(out.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+def test_multitask_loss_trains_with_task_ids(one_thread):
+    model = TDMPC2WorldModel(**{**spec.DEFAULTS, **spec.PRESETS["ci-mt"]})
+    batch = _batch(b=12, t=4)
+    batch["task"] = torch.arange(12) % 3
+    opt = torch.optim.Adam(model.param_groups(3e-3))
+    model.train()
+    first = model.loss(batch).loss.item()
+    for _ in range(30):
+        opt.zero_grad()
+        loss = model.loss(batch).loss
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.7 * first
+    assert model.task_emb.weight.grad is not None and model.task_emb.weight.grad.abs().sum() > 0
+
+
+def test_multitask_export_takes_the_task_in_every_graph_and_passes_parity(tmp_path):
+    pytest.importorskip("onnxscript")
+    import json
+
+    from worldflux_registry import export
+
+    model, *_ = _mt_inputs()
+    out = export(model, "onnx", tmp_path / "mt", graphs="all")  # check=True
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parity"]["passed"] is True, manifest["parity"]["failures"]
+    for graph, entry in manifest["graphs"].items():
+        assert "cond.task" in [i["name"] for i in entry["inputs"]], graph

@@ -157,14 +157,16 @@ class TDMPC2WorldModel(WorldModel):
         obs, act, lat = cfg["obs_dim"], cfg["action_dim"], cfg["latent_dim"]
         enc, hid, bins = cfg["enc_dim"], cfg["mlp_dim"], cfg["num_bins"]
         simnorm = cfg["simnorm_dim"]
+        emb = cfg["task_dim"] if cfg["tasks"] else 0
         self.encoder = mlp(
-            [obs] + [enc] * max(cfg["num_enc_layers"] - 1, 1) + [lat], act=SimNorm(simnorm)
+            [obs + emb] + [enc] * max(cfg["num_enc_layers"] - 1, 1) + [lat], act=SimNorm(simnorm)
         )
-        self.dynamics = mlp([lat + act, hid, hid, lat], act=SimNorm(simnorm))
-        self.reward_head = mlp([lat + act, hid, hid, bins])
-        self.pi_head = mlp([lat, hid, hid, 2 * act])
+        self.dynamics = mlp([lat + act + emb, hid, hid, lat], act=SimNorm(simnorm))
+        self.reward_head = mlp([lat + act + emb, hid, hid, bins])
+        self.pi_head = mlp([lat + emb, hid, hid, 2 * act])
         self.qs = nn.ModuleList(
-            mlp([lat + act, hid, hid, bins], dropout=cfg["dropout"]) for _ in range(cfg["num_q"])
+            mlp([lat + act + emb, hid, hid, bins], dropout=cfg["dropout"])
+            for _ in range(cfg["num_q"])
         )
         self.apply(_init_weights)
         last_layers = [self.reward_head[-1]] + [q[-1] for q in self.qs]  # type: ignore[index]
@@ -172,6 +174,8 @@ class TDMPC2WorldModel(WorldModel):
             assert isinstance(layer, nn.Linear)
             nn.init.zeros_(layer.weight)
         self.target_qs = copy.deepcopy(self.qs).requires_grad_(False)
+        # Created last, so single-task models draw their initial weights exactly as before.
+        self.task_emb = nn.Embedding(cfg["tasks"], cfg["task_dim"]) if cfg["tasks"] else None
         bin_values = torch.linspace(cfg["vmin"], cfg["vmax"], bins)
         self.register_buffer("bins", bin_values, persistent=False)
         # Running 5%-95% range of Q used to scale the optional policy loss (official RunningScale).
@@ -183,48 +187,76 @@ class TDMPC2WorldModel(WorldModel):
         bins: Tensor = self.bins  # type: ignore[assignment]
         return symexp((F.softmax(logits, dim=-1) * bins).sum(-1))
 
-    def encode_vector(self, obs: Tensor) -> Tensor:
+    def with_task(self, x: Tensor, task: Tensor | None) -> Tensor:
+        """``x`` with the task embedding appended (the official ``task_emb``); ``x`` as is for a
+        single-task model. ``task`` holds int task ids ``[batch]``; ``x`` is ``[..., batch, D]``.
+
+        The embedding is renormalised to norm <= 1 on the fly (the official
+        ``nn.Embedding(max_norm=1)`` does it in place, which tracing cannot export).
+        """
+        if self.task_emb is None:
+            return x
+        if task is None:
+            raise ContractError(
+                f"this multi-task tdmpc2 ({self.config['tasks']} tasks) needs task ids",
+                hint="pass ConditionPayload({'wf.cond.task': ids}) (int64 [batch]); "
+                "batch['task'] for loss()",
+                family=self.family,
+            )
+        emb = self.task_emb.weight[task.long()]
+        emb = emb * torch.clamp(1.0 / (emb.norm(dim=-1, keepdim=True) + 1e-7), max=1.0)
+        return torch.cat([x, emb.expand(*x.shape[:-1], -1)], dim=-1)
+
+    def encode_vector(self, obs: Tensor, task: Tensor | None = None) -> Tensor:
         """Latent of a vector observation ``[..., obs_dim]``."""
-        z: Tensor = self.encoder(obs)
+        z: Tensor = self.encoder(self.with_task(obs, task))
         return z
 
-    def next(self, z: Tensor, action: Tensor) -> Tensor:
+    def next(self, z: Tensor, action: Tensor, task: Tensor | None = None) -> Tensor:
         """Next latent ``d(z, a)``."""
-        out: Tensor = self.dynamics(torch.cat([z, action], dim=-1))
+        out: Tensor = self.dynamics(torch.cat([self.with_task(z, task), action], dim=-1))
         return out
 
-    def reward(self, z: Tensor, action: Tensor) -> Tensor:
+    def reward(self, z: Tensor, action: Tensor, task: Tensor | None = None) -> Tensor:
         """Reward bin logits ``R(z, a)`` (``[..., num_bins]``); see `reward_value` for scalars."""
-        out: Tensor = self.reward_head(torch.cat([z, action], dim=-1))
+        out: Tensor = self.reward_head(torch.cat([self.with_task(z, task), action], dim=-1))
         return out
 
-    def reward_value(self, z: Tensor, action: Tensor) -> Tensor:
+    def reward_value(self, z: Tensor, action: Tensor, task: Tensor | None = None) -> Tensor:
         """Scalar reward ``R(z, a)`` (``[...]``)."""
-        return self._two_hot_inv(self.reward(z, action))
+        return self._two_hot_inv(self.reward(z, action, task))
 
-    def q_logits(self, z: Tensor, action: Tensor, target: bool = False) -> Tensor:
+    def q_logits(
+        self, z: Tensor, action: Tensor, target: bool = False, task: Tensor | None = None
+    ) -> Tensor:
         """Bin logits of every Q head, ``[num_q, ..., num_bins]`` (target copy when asked)."""
-        za = torch.cat([z, action], dim=-1)
+        za = torch.cat([self.with_task(z, task), action], dim=-1)
         heads = self.target_qs if target else self.qs
         return torch.stack([q(za) for q in heads])
 
-    def q_min_of_two(self, z: Tensor, action: Tensor, target: bool = True) -> Tensor:
+    def q_min_of_two(
+        self, z: Tensor, action: Tensor, target: bool = True, task: Tensor | None = None
+    ) -> Tensor:
         """TD-MPC2's pessimistic value: minimum over two randomly chosen Q heads (``[...]``)."""
         pick = torch.randperm(self.config["num_q"])[:2].tolist()
-        za = torch.cat([z, action], dim=-1)
+        za = torch.cat([self.with_task(z, task), action], dim=-1)
         heads = self.target_qs if target else self.qs
         q1, q2 = (self._two_hot_inv(heads[i](za)) for i in pick)
         return torch.minimum(q1, q2)
 
     def pi(
-        self, z: Tensor, deterministic: bool = False, eps: Tensor | None = None
+        self,
+        z: Tensor,
+        deterministic: bool = False,
+        eps: Tensor | None = None,
+        task: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Policy prior: ``(mean action, action, log_prob)``, actions in ``[-1, 1]``.
 
         ``eps`` (standard normal, shaped like the action) is the sampling noise; drawn from
         torch's generator when None. ``deterministic=True`` returns the mean as the action.
         """
-        mu, raw_log_std = self.pi_head(z).chunk(2, dim=-1)
+        mu, raw_log_std = self.pi_head(self.with_task(z, task)).chunk(2, dim=-1)
         lo, hi = self.config["log_std_min"], self.config["log_std_max"]
         log_std = lo + 0.5 * (hi - lo) * (torch.tanh(raw_log_std) + 1)
         if deterministic:
@@ -237,20 +269,23 @@ class TDMPC2WorldModel(WorldModel):
         log_prob = log_prob - torch.log(F.relu(1 - action.pow(2)) + 1e-6).sum(-1)
         return mean, action, log_prob
 
-    def value(self, z: Tensor) -> Tensor:
+    def value(self, z: Tensor, task: Tensor | None = None) -> Tensor:
         """Mean over the Q ensemble at the policy prior's mean action (``[...]``)."""
-        mean, _, _ = self.pi(z, deterministic=True)
-        return self._two_hot_inv(self.q_logits(z, mean)).mean(0)
+        mean, _, _ = self.pi(z, deterministic=True, task=task)
+        return self._two_hot_inv(self.q_logits(z, mean, task=task)).mean(0)
 
     # -- protocol ------------------------------------------------------------------------------
-    def _vector(self, obs: ObsLike) -> Tensor:
-        tensors, _ = self.observations(obs)
+    def _vector(self, obs: ObsLike) -> tuple[Tensor, ConditionPayload | None]:
+        tensors, conditions = self.observations(obs)
         if "vector" not in tensors:
             raise ContractError(
                 f"tdmpc2 observations need key 'vector', got {sorted(tensors)}",
                 hint="pass {'vector': tensor[batch, obs_dim]}",
             )
-        return tensors["vector"]
+        return tensors["vector"], conditions
+
+    def _task(self, conditions: ConditionPayload | None) -> Tensor | None:
+        return self.condition("task", conditions) if self.task_emb is not None else None
 
     def _action(self, action: ActionLike) -> Tensor:
         a = self.action_tensor(action)
@@ -260,7 +295,8 @@ class TDMPC2WorldModel(WorldModel):
 
     def encode(self, obs: ObsLike, deterministic: bool = False) -> State:
         """Encode a vector observation; the state's ``reward`` is 0 (no step led here yet)."""
-        z = self.encode_vector(self._vector(obs))
+        vector, conditions = self._vector(obs)
+        z = self.encode_vector(vector, self._task(conditions))
         return State({"latent": z, "reward": z.new_zeros(z.shape[:-1])})
 
     def transition(
@@ -271,8 +307,8 @@ class TDMPC2WorldModel(WorldModel):
         deterministic: bool = False,
     ) -> State:
         """Next latent ``d(z, a)``, carrying the predicted reward ``R(z, a)`` of this step."""
-        z, a = state["latent"], self._action(action)
-        return State({"latent": self.next(z, a), "reward": self.reward_value(z, a)})
+        z, a, task = state["latent"], self._action(action), self._task(conditions)
+        return State({"latent": self.next(z, a, task), "reward": self.reward_value(z, a, task)})
 
     def update(
         self,
@@ -288,14 +324,16 @@ class TDMPC2WorldModel(WorldModel):
         latent and ``action`` give the predicted reward of the step just observed.
         """
         z, a = state["latent"], self._action(action)
-        latent = self.encode_vector(self._vector(obs))
-        return State({"latent": latent, "reward": self.reward_value(z, a)})
+        vector, obs_conditions = self._vector(obs)
+        task = self._task(conditions if conditions is not None else obs_conditions)
+        latent = self.encode_vector(vector, task)
+        return State({"latent": latent, "reward": self.reward_value(z, a, task)})
 
     def decode(self, state: State, conditions: ConditionPayload | None = None) -> ModelOutput:
         """Predictions of a state: ``reward`` (of the step into it), ``value``, ``policy_mean``."""
-        z = state["latent"]
-        mean, _, _ = self.pi(z, deterministic=True)
-        value = self._two_hot_inv(self.q_logits(z, mean)).mean(0)
+        z, task = state["latent"], self._task(conditions)
+        mean, _, _ = self.pi(z, deterministic=True, task=task)
+        value = self._two_hot_inv(self.q_logits(z, mean, task=task)).mean(0)
         return ModelOutput(
             predictions={"reward": state["reward"], "value": value, "policy_mean": mean}
         )
@@ -357,6 +395,7 @@ class TDMPC2WorldModel(WorldModel):
         """
         cfg = self.config
         obs, action, reward = batch["vector"], batch["action"], batch["reward"]
+        task = batch.get("task")
         if obs.dim() != 3 or obs.shape[1] < 2:
             raise ContractError(
                 f"tdmpc2 loss needs vector [batch, time >= 2, obs_dim], got {tuple(obs.shape)}",
@@ -373,20 +412,22 @@ class TDMPC2WorldModel(WorldModel):
         weights = cfg["rho"] ** torch.arange(horizon, device=obs.device, dtype=obs.dtype)
 
         with torch.no_grad():
-            next_z = self.encode_vector(obs[1:])
-            _, next_action, _ = self.pi(next_z)
-            td_target = reward + cfg["discount"] * self.q_min_of_two(next_z, next_action)
+            next_z = self.encode_vector(obs[1:], task)
+            _, next_action, _ = self.pi(next_z, task=task)
+            q_next = self.q_min_of_two(next_z, next_action, task=task)
+            td_target = reward + cfg["discount"] * q_next
 
-        z = self.encode_vector(obs[0])
+        z = self.encode_vector(obs[0], task)
         zs = [z]
         consistency = obs.new_zeros(())
         for t in range(horizon):
-            z = self.next(z, action[t])
+            z = self.next(z, action[t], task)
             consistency = consistency + F.mse_loss(z, next_z[t]) * weights[t]
             zs.append(z)
         latents = torch.stack(zs[:-1])
-        reward_ce = soft_ce(self.reward(latents, action), reward, bins, vmin, vmax)  # [H, B]
-        q_ce = soft_ce(self.q_logits(latents, action), td_target, bins, vmin, vmax)  # [Q, H, B]
+        reward_ce = soft_ce(self.reward(latents, action, task), reward, bins, vmin, vmax)  # [H, B]
+        q_logits = self.q_logits(latents, action, task=task)
+        q_ce = soft_ce(q_logits, td_target, bins, vmin, vmax)  # [Q, H, B]
         consistency = consistency / horizon
         reward_loss = (reward_ce.mean(-1) * weights).sum() / horizon
         value_loss = (q_ce.mean(-1) * weights).sum(-1).mean() / horizon
@@ -395,14 +436,14 @@ class TDMPC2WorldModel(WorldModel):
             + cfg["reward_coef"] * reward_loss
             + cfg["value_coef"] * value_loss
         )
-        policy_loss = self._policy_loss(torch.stack(zs).detach())
+        policy_loss = self._policy_loss(torch.stack(zs).detach(), task)
         if cfg["policy_coef"]:
             total = total + cfg["policy_coef"] * policy_loss
         components = {"consistency": consistency, "reward": reward_loss, "value": value_loss}
         if cfg["policy_coef"]:
             components["policy"] = policy_loss
         with torch.no_grad():
-            pred_reward = self._two_hot_inv(self.reward(latents, action))
+            pred_reward = self._two_hot_inv(self.reward(latents, action, task))
             metrics = {
                 "policy_loss": policy_loss.detach(),
                 "reward_mae": (pred_reward - reward).abs().mean(),
@@ -411,11 +452,11 @@ class TDMPC2WorldModel(WorldModel):
             }
         return LossOutput(loss=total, components=components, metrics=metrics)
 
-    def _policy_loss(self, zs: Tensor) -> Tensor:
+    def _policy_loss(self, zs: Tensor, task: Tensor | None) -> Tensor:
         cfg = self.config
-        _, action, log_prob = self.pi(zs)
+        _, action, log_prob = self.pi(zs, task=task)
         detached = {k: v.detach() for k, v in self.qs.named_parameters()}
-        za = torch.cat([zs, action], dim=-1)
+        za = torch.cat([self.with_task(zs, task), action], dim=-1)
         pick = torch.randperm(cfg["num_q"])[:2].tolist()
         q = torch.stack(
             [

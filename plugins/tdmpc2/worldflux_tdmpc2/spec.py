@@ -4,6 +4,11 @@ The presets follow the official model-size table of TD-MPC2 (Hansen, Su and Wang
 ``tdmpc2/common/__init__.py``): ``sizeNm`` is the official ``model_size=N``. Parameter counts
 here are for single-task models at the preset's own ``obs_dim`` / ``action_dim`` (the paper counts
 multi-task models with task embeddings, so its numbers differ slightly).
+
+Multi-task models (``tasks > 0``, as the official ``multitask`` config) learn a ``task_dim``
+embedding per task and condition the encoder, dynamics, reward, policy and Q heads on it; the task
+id is the side condition ``task`` (``wf.cond.task``, int64 ``[batch]``). The official per-task
+action masks are not modelled: every task uses all ``action_dim`` actions.
 """
 
 from __future__ import annotations
@@ -54,6 +59,9 @@ DEFAULTS: Final[dict[str, Any]] = {
     "entropy_coef": 1e-4,
     # Optimisation (read by TDMPC2WorldModel.param_groups).
     "enc_lr_scale": 0.3,
+    # Multi-task: number of tasks (0: single-task) and task embedding size (official 96).
+    "tasks": 0,
+    "task_dim": 96,
 }
 
 #: Preset name -> overrides. ``ci`` is tiny (tests); the rest are the official size table.
@@ -66,6 +74,17 @@ PRESETS: Final[dict[str, dict[str, Any]]] = {
         "latent_dim": 64,
         "num_enc_layers": 2,
         "num_q": 2,
+    },
+    "ci-mt": {
+        "obs_dim": 4,
+        "action_dim": 2,
+        "enc_dim": 64,
+        "mlp_dim": 64,
+        "latent_dim": 64,
+        "num_enc_layers": 2,
+        "num_q": 2,
+        "tasks": 3,
+        "task_dim": 8,
     },
     "size1m": {"enc_dim": 256, "mlp_dim": 384, "latent_dim": 128, "num_enc_layers": 2, "num_q": 2},
     "size5m": {"enc_dim": 256, "mlp_dim": 512, "latent_dim": 512, "num_enc_layers": 2},
@@ -105,6 +124,7 @@ _POSITIVE_INTS: Final = (
     "num_enc_layers",
     "num_q",
     "simnorm_dim",
+    "task_dim",
 )
 
 
@@ -120,6 +140,11 @@ def check_config(config: Mapping[str, Any]) -> None:
             f"simnorm_dim {config['simnorm_dim']}",
             hint="SimNorm splits the latent into groups of simnorm_dim",
             family=FAMILY,
+        )
+    tasks = config["tasks"]
+    if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 0:
+        raise ConfigError(
+            f"tdmpc2 tasks must be an int >= 0 (0: single-task), got {tasks!r}", family=FAMILY
         )
     if config["num_q"] < 2:
         raise ConfigError(
@@ -180,6 +205,18 @@ def contract(config: Mapping[str, Any]) -> IOContract:
             ),
         ),
         targets=(TensorSpec("reward", "float32", ("batch",)),),
+        conditions=(
+            TensorSpec(
+                "task",
+                "int64",
+                ("batch",),
+                kind="discrete",
+                classes=config["tasks"],
+                description="task id of each sample (multi-task models)",
+            ),
+        )
+        if config["tasks"]
+        else (),
     )
 
 
@@ -202,9 +239,12 @@ def param_count(config: Mapping[str, Any]) -> int:
     check_config(config)
     obs, act, lat = config["obs_dim"], config["action_dim"], config["latent_dim"]
     enc, mlp, bins = config["enc_dim"], config["mlp_dim"], config["num_bins"]
-    encoder = _mlp([obs] + [enc] * max(config["num_enc_layers"] - 1, 1) + [lat], True)
-    dynamics = _mlp([lat + act, mlp, mlp, lat], True)
-    reward = _mlp([lat + act, mlp, mlp, bins], False)
-    policy = _mlp([lat, mlp, mlp, 2 * act], False)
-    q = _mlp([lat + act, mlp, mlp, bins], False)
-    return int(encoder + dynamics + reward + policy + config["num_q"] * q)
+    # Multi-task models feed the task embedding into every head.
+    emb = config["task_dim"] if config["tasks"] else 0
+    encoder = _mlp([obs + emb] + [enc] * max(config["num_enc_layers"] - 1, 1) + [lat], True)
+    dynamics = _mlp([lat + act + emb, mlp, mlp, lat], True)
+    reward = _mlp([lat + act + emb, mlp, mlp, bins], False)
+    policy = _mlp([lat + emb, mlp, mlp, 2 * act], False)
+    q = _mlp([lat + act + emb, mlp, mlp, bins], False)
+    embedding = config["tasks"] * emb
+    return int(encoder + dynamics + reward + policy + config["num_q"] * q + embedding)
