@@ -136,7 +136,9 @@ class TDMPC2WorldModel(WorldModel):
     ``reward`` ``[B, T]`` in the registry's batch layout: step ``t`` holds ``o_t``, the action
     ``a_t`` taken after seeing it and the reward it produced. The horizon is ``T - 1`` (the last
     action and reward have no next observation and are unused), i.e. the official
-    ``obs[0..H]``, ``action[0..H-1]``, ``reward[0..H-1]``.
+    ``obs[0..H]``, ``action[0..H-1]``, ``reward[0..H-1]``. A multi-task model (``tasks > 0``)
+    also reads ``task`` ``[B]`` (int task ids) from the batch, and from the condition extra
+    ``wf.cond.task`` in every protocol step.
     """
 
     family = spec.FAMILY
