@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     import torch
 
     from ._model import WorldModel
-    from ._payloads import ConditionPayload
     from ._state import State
 
 __all__ = ["BACKENDS"]
@@ -102,14 +101,6 @@ def _actions(inputs: _Inputs) -> torch.Tensor:
     if inputs.actions is None:
         raise ConfigError("the model takes no actions: rollouts cannot be benchmarked")
     return inputs.actions
-
-
-def _conditions(
-    noise: dict[str, torch.Tensor], conds: dict[str, torch.Tensor]
-) -> ConditionPayload | None:
-    from ._inputs import noise_conditions
-
-    return noise_conditions(noise, conds) if noise or conds else None
 
 
 def _initial_state(model: WorldModel, inputs: _Inputs) -> State:
@@ -209,13 +200,15 @@ def _time_model(
 ) -> _Timer:
     """Warm up one transition and a whole rollout of ``model`` (any protocol implementation)
     and return their timer; peak memory covers the warm-up calls."""
+    from ._inputs import conditions_payload
+
     inputs = _make_inputs(ctx.model, batch, ctx.horizon, ctx.seed).to(device)
     if memory is None:
         memory = _Memory("cuda" if device.startswith("cuda") else "cpu", "the warm-up calls")
         memory.start()
     state = _initial_state(model, inputs)
-    step_cond = _conditions(inputs.step_noise, inputs.conds)
-    roll_cond = _conditions(inputs.rollout_noise, inputs.conds)
+    step_cond = conditions_payload(inputs.step_noise, inputs.conds)
+    roll_cond = conditions_payload(inputs.rollout_noise, inputs.conds)
     action, actions = inputs.action, _actions(inputs)
     return _warm_timer(
         ctx,
@@ -267,6 +260,8 @@ def _bench_torch_cudagraph(ctx: _Context, result: BackendResult) -> _Timer | Non
     """Capture one transition and a whole rollout in CUDA graphs and time their replay."""
     import torch
 
+    from ._inputs import conditions_payload
+
     device = "cuda"
     result.device = device
     model = ctx.torch_model(device)
@@ -276,8 +271,8 @@ def _bench_torch_cudagraph(ctx: _Context, result: BackendResult) -> _Timer | Non
     memory.start()
     inputs = _make_inputs(ctx.model, batch, ctx.horizon, ctx.seed).to(device)
     state = _initial_state(model, inputs)
-    step_cond = _conditions(inputs.step_noise, inputs.conds)
-    roll_cond = _conditions(inputs.rollout_noise, inputs.conds)
+    step_cond = conditions_payload(inputs.step_noise, inputs.conds)
+    roll_cond = conditions_payload(inputs.rollout_noise, inputs.conds)
 
     def step() -> Any:
         return model.transition(state, inputs.action, step_cond)

@@ -12,6 +12,7 @@ from ._contract import IOContract, NoiseSpec, TensorSpec, condition_key
 from ._payloads import ConditionPayload, WorldModelInput
 
 __all__ = [
+    "conditions_payload",
     "make_actions",
     "make_conditions",
     "make_noise",
@@ -132,11 +133,17 @@ def noise_conditions(
     return ConditionPayload(extras)
 
 
+def conditions_payload(
+    noise: Mapping[str, Tensor], conditions: Mapping[str, Tensor] | None = None
+) -> ConditionPayload | None:
+    """`noise_conditions`, or None when there is neither noise nor a side condition."""
+    return noise_conditions(noise, conditions) if noise or conditions else None
+
+
 def encode_input(
     obs: dict[str, Tensor],
     noise: dict[str, Tensor],
     conditions: Mapping[str, Tensor] | None = None,
 ) -> WorldModelInput:
     """An ``encode`` input carrying its noise (and side conditions)."""
-    payload = noise_conditions(noise, conditions) if noise or conditions else None
-    return WorldModelInput(obs, payload)
+    return WorldModelInput(obs, conditions_payload(noise, conditions))

@@ -15,12 +15,12 @@ from torch import Tensor
 
 from .._contract import Capability, IOContract, TensorSpec
 from .._inputs import (
+    conditions_payload,
     encode_input,
     make_actions,
     make_conditions,
     make_noise,
     make_observations,
-    noise_conditions,
 )
 from .._payloads import ConditionPayload, ModelOutput
 from .._state import State
@@ -443,13 +443,6 @@ def _numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _conditions(
-    noise: Mapping[str, Tensor], conds: Mapping[str, Tensor] | None = None
-) -> ConditionPayload | None:
-    """Noise and side conditions as the extras both sides read (None when there are none)."""
-    return noise_conditions(noise, conds) if noise or conds else None
-
-
 def _state_arrays(state: Any) -> Arrays:
     tensors = state.tensors if isinstance(state, State) else state
     return {f"state.{k}": _numpy(v) for k, v in tensors.items()}
@@ -588,7 +581,7 @@ def _step_mode(run: _Run, graphs: Sequence[str], batch: int, seed: int) -> None:
         )
 
     s0_cpu = s0.to("cpu")
-    cond = _conditions(tr_noise, conds)
+    cond = conditions_payload(tr_noise, conds)
     s1 = _call_reference("transition", lambda: ref.transition(s0, _to(action, rd), _to(cond, rd)))
     if "transition" in graphs:
         c1 = _call_candidate(
@@ -604,7 +597,7 @@ def _step_mode(run: _Run, graphs: Sequence[str], batch: int, seed: int) -> None:
         )
 
     if "update" in graphs:
-        cond = _conditions(up_noise, conds)
+        cond = conditions_payload(up_noise, conds)
         u1 = _call_reference(
             "update", lambda: ref.update(s0, _to(action, rd), _to(obs2, rd), _to(cond, rd))
         )
@@ -621,7 +614,7 @@ def _step_mode(run: _Run, graphs: Sequence[str], batch: int, seed: int) -> None:
         )
 
     s1_cpu = s1.to("cpu")
-    cond = _conditions(dec_noise, conds)
+    cond = conditions_payload(dec_noise, conds)
     if "decode" in graphs:
         p = _call_reference("decode", lambda: ref.decode(s1, _to(cond, rd)))
         cp = _call_candidate(run, "decode", lambda: cand.decode(_to(s1_cpu, cd), _to(cond, cd)))
@@ -662,7 +655,7 @@ def _rollout_modes(run: _Run, modes: Collection[str], batch: int, seed: int, hor
         curves = _new_curves(run, "teacher_forced", batch)
         state, state_cpu = s0, s0_cpu
         for t in range(horizon):
-            cond = _conditions({k: v[t] for k, v in noise.items()}, conds)
+            cond = conditions_payload({k: v[t] for k, v in noise.items()}, conds)
             a = action_at(t)
             nxt = _call_reference("transition", ref.transition, state, _to(a, rd), _to(cond, rd))
             got = _call_candidate(
@@ -745,7 +738,7 @@ def _rollout(
     """States after each step and predictions of each step, through ``model.rollout``."""
     if actions is None:
         raise ParityError("free-running rollouts need an action in the contract")
-    cond = _conditions(noise, conds)
+    cond = conditions_payload(noise, conds)
     traj = model.rollout(
         _to(state, device), _to(actions, device), _to(cond, device), deterministic=False
     )

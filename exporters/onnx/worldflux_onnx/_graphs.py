@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from worldflux_registry._contract import IOContract, NoiseSpec, TensorSpec
-from worldflux_registry._inputs import noise_conditions
+from worldflux_registry._inputs import conditions_payload
 from worldflux_registry._payloads import WorldModelInput
 from worldflux_registry._state import State
 from worldflux_registry.errors import ExportError
@@ -254,8 +254,7 @@ class GraphModule(nn.Module):
         model: Any = self.model
         graph = self.sig.base
         det = self.sig.deterministic
-        extras = group["noise"] or group["cond"]
-        conditions = noise_conditions(group["noise"], group["cond"]) if extras else None
+        conditions = conditions_payload(group["noise"], group["cond"])
         action = named.get("action")
         if graph == ROLLOUT:
             traj = model.rollout(State(group["state"]), named["actions"], conditions, det)

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from worldflux_registry._artifact import read_artifact_manifest
 from worldflux_registry._contract import IOContract
 from worldflux_registry.errors import ExportError
 
@@ -57,19 +58,10 @@ def read_manifest(directory: Path) -> tuple[dict[str, Any], IOContract]:
             contract document that does not parse.
     """
     path = directory / MANIFEST
-    if not path.is_file():
+    manifest = read_artifact_manifest(directory, ExportError)  # file, JSON, object, format
+    if manifest["format"] != FORMAT:
         raise ExportError(
-            f"{directory} has no {MANIFEST}",
-            hint="pass the directory written by export(model, 'onnx', out_dir)",
-        )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"{path} is not readable JSON: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise ExportError(
-            f"{path} has format {found!r}, expected {FORMAT!r}",
+            f"{path} has format {manifest['format']!r}, expected {FORMAT!r}",
             hint="this loader reads ONNX exports of worldflux-onnx only",
         )
     version = manifest.get("format_version")

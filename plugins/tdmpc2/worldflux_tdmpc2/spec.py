@@ -64,28 +64,20 @@ DEFAULTS: Final[dict[str, Any]] = {
     "task_dim": 96,
 }
 
-#: Preset name -> overrides. ``ci`` is tiny (tests); the rest are the official size table.
+_CI: Final[dict[str, Any]] = {
+    "obs_dim": 4,
+    "action_dim": 2,
+    "enc_dim": 64,
+    "mlp_dim": 64,
+    "latent_dim": 64,
+    "num_enc_layers": 2,
+    "num_q": 2,
+}
+#: Preset name -> overrides. ``ci`` is tiny (tests), ``ci-mt`` its 3-task version; the rest are
+#: the official size table.
 PRESETS: Final[dict[str, dict[str, Any]]] = {
-    "ci": {
-        "obs_dim": 4,
-        "action_dim": 2,
-        "enc_dim": 64,
-        "mlp_dim": 64,
-        "latent_dim": 64,
-        "num_enc_layers": 2,
-        "num_q": 2,
-    },
-    "ci-mt": {
-        "obs_dim": 4,
-        "action_dim": 2,
-        "enc_dim": 64,
-        "mlp_dim": 64,
-        "latent_dim": 64,
-        "num_enc_layers": 2,
-        "num_q": 2,
-        "tasks": 3,
-        "task_dim": 8,
-    },
+    "ci": dict(_CI),
+    "ci-mt": {**_CI, "tasks": 3, "task_dim": 8},
     "size1m": {"enc_dim": 256, "mlp_dim": 384, "latent_dim": 128, "num_enc_layers": 2, "num_q": 2},
     "size5m": {"enc_dim": 256, "mlp_dim": 512, "latent_dim": 512, "num_enc_layers": 2},
     "size19m": {"enc_dim": 1024, "mlp_dim": 1024, "latent_dim": 768, "num_enc_layers": 3},
