@@ -22,6 +22,7 @@ EXPECTED = {
     "ExporterSpec",
     "FamilySpec",
     "IOContract",
+    "ImportedCheckpoint",
     "LossOutput",
     "ModelOutput",
     "NoiseSpec",

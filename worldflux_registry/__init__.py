@@ -25,6 +25,7 @@ from ._payloads import (
     Trajectory,
     WorldModelInput,
 )
+from ._importing import ImportedCheckpoint
 from ._spec import ExporterSpec, FamilySpec
 from ._state import State
 from .errors import (
@@ -64,6 +65,7 @@ __all__ = [
     "ExporterSpec",
     "FamilySpec",
     "IOContract",
+    "ImportedCheckpoint",
     "LossOutput",
     "ModelOutput",
     "NoiseSpec",
