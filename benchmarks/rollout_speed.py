@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from worldflux_registry import _bench
+from worldflux_registry import bench as _bench
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -49,8 +49,8 @@ def run(console: Console, args: argparse.Namespace, out: Path) -> None:
     import torch
 
     from worldflux_registry import export, parity
-    from worldflux_registry._export import check_export
-    from worldflux_registry._inputs import (
+    from worldflux_registry.plugin_api import (
+        check_export,
         encode_input,
         make_actions,
         make_noise,

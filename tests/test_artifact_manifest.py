@@ -7,7 +7,7 @@ import json
 import pytest
 
 from worldflux_registry import ExportError, ResolutionError, registry
-from worldflux_registry._artifact import read_artifact_manifest
+from worldflux_registry.registry._artifact import read_artifact_manifest
 
 
 def test_a_manifest_with_a_format_is_returned_whole(tmp_path):

@@ -11,8 +11,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from worldflux_registry import ConfigError, _bench, registry  # noqa: E402
-from worldflux_registry._cli import main  # noqa: E402
+from worldflux_registry import ConfigError, registry  # noqa: E402
+from worldflux_registry import bench as _bench  # noqa: E402
+from worldflux_registry.cli._main import main  # noqa: E402
 
 SMALL = {"warmup": 2, "repeats": 3, "rollout_repeats": 2, "min_repeats": 2, "horizon": 2}
 

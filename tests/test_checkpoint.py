@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from worldflux_registry import CheckpointError, ConfigError, Registry, hookimpl
-from worldflux_registry._inputs import make_actions, make_noise, make_observations
+from worldflux_registry.protocol._inputs import make_actions, make_noise, make_observations
 
 
 def _outputs(model, seed=0):
@@ -21,7 +21,7 @@ def _outputs(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     obs = make_observations(contract, (3,), g)
     action = make_actions(contract, (3,), g)
-    from worldflux_registry._inputs import encode_input, noise_conditions
+    from worldflux_registry.protocol._inputs import encode_input, noise_conditions
 
     state = model.encode(encode_input(obs, make_noise(contract, "encode", (3,), g)))
     nxt = model.transition(
@@ -31,7 +31,7 @@ def _outputs(model, seed=0):
 
 
 def _save(model, path, registry):
-    from worldflux_registry._checkpoint import save_pretrained
+    from worldflux_registry.checkpoint._format import save_pretrained
 
     return save_pretrained(model, path, registry=registry)
 

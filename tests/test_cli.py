@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from worldflux_registry._cli import main
+from worldflux_registry.cli._main import main
 
 
 def _json(capsys, argv):
@@ -127,10 +127,10 @@ def test_plugins_lists_every_plugin_and_exits_1_when_one_is_broken(fixture_sites
 
 
 @pytest.mark.parametrize(
-    "module", ["worldflux_registry._cli_export", "worldflux_registry._cli_parity"]
+    "module", ["worldflux_registry.cli._export", "worldflux_registry.cli._parity"]
 )
 def test_extension_modules_register_subcommands_when_present(module):
-    from worldflux_registry._cli import build_parser
+    from worldflux_registry.cli._main import build_parser
 
     parser = build_parser()
     try:

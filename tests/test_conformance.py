@@ -16,8 +16,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from worldflux_registry import registry  # noqa: E402
-from worldflux_registry._contract import Capability, IOContract  # noqa: E402
-from worldflux_registry._inputs import (  # noqa: E402
+from worldflux_registry.contract._io import Capability, IOContract  # noqa: E402
+from worldflux_registry.errors import CapabilityError  # noqa: E402
+from worldflux_registry.protocol._inputs import (  # noqa: E402
     encode_input,
     make_actions,
     make_conditions,
@@ -25,9 +26,8 @@ from worldflux_registry._inputs import (  # noqa: E402
     make_observations,
     noise_conditions,
 )
-from worldflux_registry._payloads import tensor_problems  # noqa: E402
-from worldflux_registry._state import State  # noqa: E402
-from worldflux_registry.errors import CapabilityError  # noqa: E402
+from worldflux_registry.protocol._payloads import tensor_problems  # noqa: E402
+from worldflux_registry.state._state import State  # noqa: E402
 
 #: Presets with at most this many parameters are built with real weights and run on CPU.
 SMALL_PARAMS = 5_000_000
@@ -281,7 +281,7 @@ def test_rollout_returns_one_state_per_action(case):
 
 
 def test_the_checker_reports_wrong_keys_shapes_and_dtypes():
-    from worldflux_registry._contract import TensorSpec
+    from worldflux_registry.contract._io import TensorSpec
 
     specs = (
         TensorSpec("latent", "float32", ("batch", 4)),

@@ -17,7 +17,7 @@ from worldflux_dreamerv3 import plugin, spec  # noqa: E402
 from worldflux_dreamerv3.model import DreamerV3WorldModel, symlog  # noqa: E402
 
 from worldflux_registry import ConditionPayload, WorldModelInput  # noqa: E402
-from worldflux_registry._payloads import tensor_problems  # noqa: E402
+from worldflux_registry.protocol._payloads import tensor_problems  # noqa: E402
 
 CI = {**spec.DEFAULTS, **spec.PRESETS["ci"]}
 VARIANTS = {
@@ -321,8 +321,8 @@ def test_trained_model_beats_copy_last_observation(trained):
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("worldflux_registry._registry") is None,
-    reason="worldflux_registry._registry is not there yet",
+    importlib.util.find_spec("worldflux_registry.registry._registry") is None,
+    reason="worldflux_registry.registry._registry is not there yet",
 )
 def test_registry_loads_the_ci_preset():
     from worldflux_registry import registry

@@ -34,7 +34,7 @@ from worldflux_registry import (  # noqa: E402
     export,
     parity,
 )
-from worldflux_registry._inputs import (  # noqa: E402
+from worldflux_registry.protocol._inputs import (  # noqa: E402
     encode_input,
     make_actions,
     make_conditions,
@@ -192,7 +192,7 @@ def test_undeclared_condition_names_are_refused(exported):
 
 
 def test_bench_times_a_conditioned_export_after_parity(exported):
-    from worldflux_registry import _bench
+    from worldflux_registry import bench as _bench
 
     model, out, _ = exported
     run = _bench.run(

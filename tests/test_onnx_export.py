@@ -38,7 +38,7 @@ from worldflux_registry import (  # noqa: E402
     export,
     registry,
 )
-from worldflux_registry._inputs import (  # noqa: E402
+from worldflux_registry.protocol._inputs import (  # noqa: E402
     encode_input,
     make_actions,
     make_noise,
@@ -448,7 +448,7 @@ def test_batch_fixed_by_python_int_is_an_export_error_naming_the_line(tmp_path):
 
 
 def test_cli_export_writes_the_artifact_and_reports_progress(tmp_path, capsys):
-    from worldflux_registry._cli import main
+    from worldflux_registry.cli._main import main
 
     out = tmp_path / "cli"
     args = ["export", THIRD_PARTY, "--out", str(out), "--graphs", "decode", "--no-check"]
@@ -472,7 +472,7 @@ def test_a_prediction_the_step_does_not_return_is_named(tmp_path):
 
 
 def test_cli_export_mode_graphs_adds_the_deterministic_variant(tmp_path, capsys):
-    from worldflux_registry._cli import main
+    from worldflux_registry.cli._main import main
 
     out = tmp_path / "cli-mode"
     args = ["export", THIRD_PARTY, "--out", str(out), "--graphs", "transition"]
@@ -485,7 +485,7 @@ def test_cli_export_mode_graphs_adds_the_deterministic_variant(tmp_path, capsys)
 
 
 def test_cli_export_rollout_horizon_writes_the_fused_graph(tmp_path, capsys):
-    from worldflux_registry._cli import main
+    from worldflux_registry.cli._main import main
 
     out = tmp_path / "cli-rollout"
     args = ["export", THIRD_PARTY, "--out", str(out), "--graphs", "encode,rollout"]
@@ -540,7 +540,7 @@ def test_fp16_export_of_dreamerv3_passes_its_check_and_a_tampered_one_fails(tmp_
 
 
 def test_cli_info_on_an_export_lists_its_graphs_and_parity(tmp_path, capsys, monkeypatch):
-    from worldflux_registry._cli import main
+    from worldflux_registry.cli._main import main
 
     monkeypatch.setenv("COLUMNS", "200")  # rich folds table cells to the terminal's width
 

@@ -28,7 +28,7 @@ from worldflux_registry import (  # noqa: E402
     WorldModel,
     registry,
 )
-from worldflux_registry._inputs import (  # noqa: E402
+from worldflux_registry.protocol._inputs import (  # noqa: E402
     encode_input,
     make_actions,
     make_noise,

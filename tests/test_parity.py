@@ -22,8 +22,8 @@ from worldflux_registry import (
     TensorSpec,
     parity,
 )
-from worldflux_registry._model import WorldModel
 from worldflux_registry.parity import ParityReport, Tolerance
+from worldflux_registry.protocol._model import WorldModel
 
 B = "batch"
 

@@ -18,7 +18,7 @@ pytest.importorskip("worldflux_onnx", reason="needs the worldflux-onnx exporter 
 from onnx import numpy_helper  # noqa: E402
 
 from worldflux_registry import export, parity, registry  # noqa: E402
-from worldflux_registry._cli import main  # noqa: E402
+from worldflux_registry.cli._main import main  # noqa: E402
 from worldflux_registry.parity import Tolerance  # noqa: E402
 
 FAST = {"batch_sizes": (1, 3), "horizon": 4}

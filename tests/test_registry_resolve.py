@@ -133,7 +133,7 @@ def test_export_directory_loads_through_its_exporters_loader(extra_site, tmp_pat
     registry = Registry()
     model = registry.load("toyfamily:small")
     exporter = registry.get_exporter("toyexport")
-    from worldflux_registry._discovery import resolve_target
+    from worldflux_registry.registry._discovery import resolve_target
 
     resolve_target(exporter.exporter, what="exporter")(model, tmp_path / "art")
     resolved = registry.resolve(str(tmp_path / "art"))
@@ -173,7 +173,7 @@ def test_listing_resolving_and_fingerprinting_never_import_torch(tmp_path):
         """
         import json, sys
         from worldflux_registry import registry
-        from worldflux_registry._cli import main
+        from worldflux_registry.cli._main import main
         names = registry.list()
         resolved = registry.resolve("toy:small")
         registry.resolve(resolved.fingerprint[:15])

@@ -179,7 +179,8 @@ def test_cuda_tensors_serialize_from_the_host_copy_and_record_their_device():
 
 def test_importing_the_state_module_does_not_import_torch():
     code = (
-        "import sys, worldflux_registry, worldflux_registry._state, worldflux_registry._shm\n"
+        "import sys, worldflux_registry, worldflux_registry.state._state\n"
+        "import worldflux_registry.state._shm\n"
         "from worldflux_registry import State\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )

@@ -14,9 +14,9 @@ from worldflux_tdmpc2 import spec  # noqa: E402
 from worldflux_tdmpc2.model import SimNorm, TDMPC2WorldModel, symexp, symlog, two_hot  # noqa: E402
 
 from worldflux_registry import registry  # noqa: E402
-from worldflux_registry._contract import Capability  # noqa: E402
-from worldflux_registry._state import State  # noqa: E402
+from worldflux_registry.contract._io import Capability  # noqa: E402
 from worldflux_registry.errors import ConfigError  # noqa: E402
+from worldflux_registry.state._state import State  # noqa: E402
 
 CI = {**spec.DEFAULTS, **spec.PRESETS["ci"]}
 
@@ -340,7 +340,7 @@ def test_docs_preset_table_matches_the_spec():
 
 # -- multi-task -------------------------------------------------------------------------------
 def _mt_inputs(batch=4, seed=0):
-    from worldflux_registry._inputs import make_actions, make_conditions, make_observations
+    from worldflux_registry.protocol._inputs import make_actions, make_conditions, make_observations
 
     model = registry.load("tdmpc2:ci-mt").eval()
     contract = model.io_contract()

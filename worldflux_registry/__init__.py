@@ -1,7 +1,8 @@
 """worldflux-registry: find, load, export and verify PyTorch world models.
 
 ``import worldflux_registry`` is cheap: torch, onnx and the families' model code are imported only
-when a model is built, exported or checked. Public names are resolved lazily from private modules.
+when a model is built, exported or checked. Public names are resolved lazily from the
+subpackages (see docs/architecture.md for the layers).
 """
 
 from __future__ import annotations
@@ -9,25 +10,18 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._contract import (
+from .contract import (
     Capability,
+    ExporterSpec,
+    FamilySpec,
+    ImportedCheckpoint,
     IOContract,
     NoiseSpec,
     TensorSpec,
     condition_key,
     contract_fingerprint,
 )
-from ._payloads import (
-    ActionPayload,
-    ConditionPayload,
-    LossOutput,
-    ModelOutput,
-    Trajectory,
-    WorldModelInput,
-)
-from ._importing import ImportedCheckpoint
-from ._spec import ExporterSpec, FamilySpec
-from ._state import State
+from .contract._locate import set_family_locator
 from .errors import (
     AmbiguousReferenceError,
     BackendError,
@@ -43,13 +37,21 @@ from .errors import (
     StateFormatError,
     WorldFluxRegistryError,
 )
+from .protocol import (
+    ActionPayload,
+    ConditionPayload,
+    LossOutput,
+    ModelOutput,
+    Trajectory,
+    WorldModelInput,
+)
+from .state import State
 
 if TYPE_CHECKING:
     from . import functional, parity
-    from ._export import export
-    from ._model import WorldModel
-    from ._registry import Registry, registry
+    from .exporting import export
     from .hookspecs import hookimpl
+    from .protocol import WorldModel
 
 __all__ = [
     "ActionPayload",
@@ -93,14 +95,27 @@ __all__ = [
 
 # name -> module holding it; imported on first access (WorldModel pulls in torch).
 _LAZY = {
-    "WorldModel": "._model",
-    "Registry": "._registry",
-    "registry": "._registry",
-    "export": "._export",
+    "WorldModel": ".protocol",
+    "export": ".exporting",
     "hookimpl": ".hookspecs",
     "functional": ".functional",
     "parity": ".parity",
 }
+
+
+def _locate_family(name: str) -> FamilySpec:
+    # The facade wires the layers: a model built directly finds its spec in the process-wide
+    # registry, which is imported only when a model first asks.
+    from .registry import registry
+
+    return registry.get(name)
+
+
+set_family_locator(_locate_family)
+
+# Imported eagerly (it is torch-free): the subpackage ``registry`` and the process-wide
+# ``registry`` share a name, and this binding makes ``worldflux_registry.registry`` the instance.
+from .registry import Registry, registry  # noqa: E402
 
 
 def __getattr__(name: str) -> Any:

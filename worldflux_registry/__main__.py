@@ -1,5 +1,5 @@
 """``python -m worldflux_registry``: the command-line interface."""
 
-from ._cli import main
+from .cli._main import main
 
 raise SystemExit(main())

@@ -1,16 +1,12 @@
-"""Torch settings shared by parity and benchmarks: TF32 switches and weights read from exports."""
+"""Torch's TF32 switches, shared by parity and benchmarks (base layer: imports no other layer)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import Any
 
-if TYPE_CHECKING:
-    from ._model import WorldModel
-
-__all__ = ["model_from_export", "tf32", "tf32_state", "weights_from_onnx"]
+__all__ = ["tf32", "tf32_state"]
 
 
 def tf32_state() -> dict[str, Any]:
@@ -39,58 +35,3 @@ def tf32(enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-def weights_from_onnx(model: WorldModel, export_dir: Path) -> list[str]:
-    """Copy into ``model`` every tensor found as a same-shaped initializer of the export's graphs.
-
-    The exporter names initializers after the wrapped model's module path (``model.<key>``).
-    Returns the state-dict keys not found (unused by the exported graphs, or folded away);
-    those keep their current values.
-    """
-    import torch
-
-    try:
-        import onnx
-        from onnx import numpy_helper
-    except ImportError:
-        return list(model.state_dict())
-    found: dict[str, Any] = {}
-    for file in sorted(Path(export_dir).glob("*.onnx")):
-        for init in onnx.load(str(file)).graph.initializer:
-            found.setdefault(init.name, init)
-    missing = []
-    with torch.no_grad():
-        for key, tensor in model.state_dict().items():
-            hit = found.get("model." + key) or found.get(key)
-            array = None if hit is None else numpy_helper.to_array(hit)
-            if array is None or tuple(array.shape) != tuple(tensor.shape):
-                missing.append(key)
-                continue
-            tensor.copy_(torch.from_numpy(array.copy()))
-    return missing
-
-
-def model_from_export(
-    export_dir: Path, manifest: Mapping[str, Any]
-) -> tuple[WorldModel, list[str]]:
-    """Rebuild on CPU the family model an export was made from, with weights read back from it.
-
-    The family, preset and config come from the export's ``manifest``; weights go through
-    `weights_from_onnx`, whose list of state-dict keys not found is returned beside the model
-    (callers decide whether those may keep their fresh init). Raises `ConfigError` when the
-    manifest names no family.
-    """
-    from ._registry import registry
-    from .errors import ConfigError
-
-    family = manifest.get("family")
-    if not family:
-        raise ConfigError(
-            f"{export_dir} records no family in its manifest", hint="pass --reference"
-        )
-    preset = manifest.get("preset")
-    spec = registry.get(family)
-    config = manifest.get("config") or spec.config(preset)
-    model = registry.build(spec, config, preset=preset, device="cpu")
-    return model, weights_from_onnx(model, export_dir)

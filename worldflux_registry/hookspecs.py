@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pluggy
 
-from ._spec import ExporterSpec, FamilySpec
+from .contract._family import ExporterSpec, FamilySpec
 
 __all__ = ["PROJECT", "hookimpl", "hookspec"]
 

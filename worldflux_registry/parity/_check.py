@@ -13,8 +13,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._contract import Capability, IOContract, TensorSpec
-from .._inputs import (
+from .._torch_env import tf32
+from ..contract._io import Capability, IOContract, TensorSpec
+from ..errors import ParityError
+from ..protocol._inputs import (
     conditions_payload,
     encode_input,
     make_actions,
@@ -22,11 +24,9 @@ from .._inputs import (
     make_noise,
     make_observations,
 )
-from .._payloads import ConditionPayload, ModelOutput
-from .._state import State
-from .._torch_env import tf32
-from ..errors import ParityError
-from ._localize import localize
+from ..protocol._payloads import ConditionPayload, ModelOutput
+from ..state._state import State
+from ._localize import _Site, localize
 from ._metrics import Metrics, compare_arrays
 from ._report import MODES, OutputCheck, ParityReport, RolloutCurve
 from ._tolerance import (
@@ -54,15 +54,6 @@ class _Output:
     @property
     def categorical(self) -> bool:
         return self.spec.kind == "categorical"
-
-
-@dataclass
-class _Site:
-    """What was fed to a graph and what came out, kept for localising a failure."""
-
-    feeds: Arrays
-    reference: Arrays
-    candidate: Arrays
 
 
 @dataclass
@@ -751,7 +742,7 @@ def _rollout(
         preds = [{f"pred.{k}": v[t] for k, v in stacked.items()} for t in range(horizon)]
     else:
         contract = model.io_contract()
-        from .._model import step_slice
+        from ..protocol._model import step_slice
 
         preds = [
             _pred_arrays(model.decode(states[t], step_slice(contract, _to(cond, device), t)))

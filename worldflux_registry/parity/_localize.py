@@ -4,21 +4,30 @@ whether the exported graph or the runtime executing it is to blame."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._artifact import read_artifact_manifest
 from ..errors import WorldFluxRegistryError
+from ..registry._artifact import read_artifact_manifest
 from ._metrics import compare_arrays
 from ._report import CAUSES, GRAPHS, MODES, Localization, OutputCheck, RolloutCurve
 
 if TYPE_CHECKING:
-    from ._check import _Site
     from ._report import ParityReport
 
 __all__ = ["localize", "onnx_graph_file", "run_reference_evaluator"]
+
+
+@dataclass
+class _Site:
+    """What was fed to a graph and what came out, kept for localising a failure."""
+
+    feeds: dict[str, np.ndarray]
+    reference: dict[str, np.ndarray]
+    candidate: dict[str, np.ndarray]
 
 
 def onnx_graph_file(candidate: Any, graph: str) -> Path | None:

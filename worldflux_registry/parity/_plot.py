@@ -5,11 +5,39 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from ._report import ParityReport
+
+class _Curve(Protocol):
+    @property
+    def output(self) -> str: ...
+
+    @property
+    def mode(self) -> str: ...
+
+    @property
+    def batch(self) -> int: ...
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def first_failing_step(self) -> int | None: ...
+
+    def series(self, metric: str) -> list[float | None]: ...
+
+
+class _Plottable(Protocol):
+    """What a plot reads of a `ParityReport` (this module sits below the report)."""
+
+    @property
+    def passed(self) -> bool: ...
+
+    @property
+    def rollouts(self) -> Sequence[_Curve]: ...
+
 
 __all__ = ["plot_report"]
 
@@ -18,7 +46,7 @@ _FLOOR = 1e-12
 _STYLES = {"teacher_forced": "-", "free_running": "--"}
 
 
-def plot_report(report: ParityReport, path: Path, *, metric: str = "max_abs") -> Path:
+def plot_report(report: _Plottable, path: Path, *, metric: str = "max_abs") -> Path:
     """Draw ``metric`` per rollout step for every state key; write a PNG to ``path``."""
     try:
         from matplotlib.figure import Figure

@@ -10,11 +10,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from worldflux_registry._contract import IOContract, NoiseSpec, TensorSpec
-from worldflux_registry._inputs import conditions_payload
-from worldflux_registry._payloads import WorldModelInput
-from worldflux_registry._state import State
-from worldflux_registry.errors import ExportError
+from worldflux_registry import (
+    ExportError,
+    IOContract,
+    NoiseSpec,
+    State,
+    TensorSpec,
+    WorldModelInput,
+)
+from worldflux_registry.plugin_api import conditions_payload
 
 __all__ = [
     "ALL_GRAPHS",
@@ -293,7 +297,7 @@ def example_inputs(
     sig: GraphSignature, contract: IOContract, batch: int, seed: int = 0
 ) -> tuple[Tensor, ...]:
     """Seeded example inputs for ``sig`` (batch ``batch``) from the contract."""
-    from worldflux_registry._inputs import make_actions, make_noise_tensor, make_tensor
+    from worldflux_registry.plugin_api import make_actions, make_noise_tensor, make_tensor
 
     gen = torch.Generator().manual_seed(seed)
     values: list[Tensor] = []

@@ -8,9 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from worldflux_registry._artifact import read_artifact_manifest
-from worldflux_registry._contract import IOContract
-from worldflux_registry.errors import ExportError
+from worldflux_registry import ExportError, IOContract
+from worldflux_registry.plugin_api import read_artifact_manifest
 
 __all__ = [
     "FORMAT",

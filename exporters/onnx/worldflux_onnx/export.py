@@ -24,8 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from worldflux_registry._contract import IOContract
-from worldflux_registry.errors import ExportError
+from worldflux_registry import ExportError, IOContract
 
 from ._graphs import (
     ALL_GRAPHS,
@@ -546,7 +545,7 @@ def _versions(family: str | None) -> dict[str, str | None]:
     }
     if family:
         with contextlib.suppress(Exception):
-            from worldflux_registry._registry import registry
+            from worldflux_registry import registry
 
             spec = registry.get(family)
             if spec.distribution:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from worldflux_registry._spec import ExporterSpec
-from worldflux_registry.hookspecs import hookimpl
+from worldflux_registry import ExporterSpec, hookimpl
 
 __all__ = ["worldflux_registry_exporters"]
 

@@ -11,17 +11,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from worldflux_registry._contract import Capability, IOContract, condition_key
-from worldflux_registry._model import ActionLike, ObsLike, WorldModel, step_slice
-from worldflux_registry._payloads import (
+from worldflux_registry import (
     ActionPayload,
+    BackendError,
+    Capability,
+    CapabilityError,
     ConditionPayload,
+    ContractError,
+    ExportError,
+    IOContract,
     LossOutput,
     ModelOutput,
+    State,
     Trajectory,
+    WorldModel,
+    condition_key,
 )
-from worldflux_registry._state import State
-from worldflux_registry.errors import BackendError, CapabilityError, ContractError, ExportError
+from worldflux_registry.plugin_api import ActionLike, ObsLike, step_slice
 
 from ._graphs import (
     COND,

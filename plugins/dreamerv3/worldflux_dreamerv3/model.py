@@ -16,11 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from worldflux_registry._model import ActionLike, ObsLike, WorldModel
-from worldflux_registry._payloads import ConditionPayload, LossOutput, ModelOutput
-from worldflux_registry._state import State
-from worldflux_registry.errors import ConfigError, ContractError
+from worldflux_registry import (
+    ConditionPayload,
+    ConfigError,
+    ContractError,
+    LossOutput,
+    ModelOutput,
+    State,
+    WorldModel,
+)
 from worldflux_registry.functional import symexp, symlog, two_hot, two_hot_mean
+from worldflux_registry.plugin_api import ActionLike, ObsLike
 
 from . import spec
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from worldflux_registry._spec import FamilySpec
-from worldflux_registry.hookspecs import hookimpl
+from worldflux_registry import FamilySpec, hookimpl
 
 from . import spec
 

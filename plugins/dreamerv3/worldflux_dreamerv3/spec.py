@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
-from worldflux_registry._contract import Capability, IOContract, NoiseSpec, TensorSpec
-from worldflux_registry.errors import ConfigError
+from worldflux_registry import Capability, ConfigError, IOContract, NoiseSpec, TensorSpec
 
 __all__ = [
     "CAPABILITIES",

@@ -53,8 +53,8 @@ from worldflux_registry import (
     Trajectory,
     WorldModel,
 )
-from worldflux_registry._model import ActionLike, ObsLike
 from worldflux_registry.functional import symexp, symlog, two_hot_uniform
+from worldflux_registry.plugin_api import ActionLike, ObsLike
 
 from . import spec
 

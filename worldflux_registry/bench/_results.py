@@ -1,6 +1,6 @@
 """What a benchmark run records: timing statistics, one result per backend and batch, the run.
 
-Each record has a JSON form (``to_dict``) that `worldflux_registry._bench.document` gathers.
+Each record has a JSON form (``to_dict``) that `worldflux_registry.bench._run.document` gathers.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Final
 
-from ._dims import dim as dim_of
-from .errors import ContractError
+from .._dims import dim as dim_of
+from ..errors import ContractError
 
 __all__ = [
     "DTYPES",
@@ -74,7 +74,7 @@ class Capability(str, Enum):
         try:
             return cls(value)
         except ValueError:
-            from .errors import did_you_mean
+            from ..errors import did_you_mean
 
             known = [c.value for c in cls]
             raise ContractError(

@@ -15,16 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._bench_measure import _Memory, _Series, _Timer
-from ._bench_results import BackendResult
-from ._torch_env import tf32_state
-from .errors import ConfigError
+from .._torch_env import tf32_state
+from ..errors import ConfigError
+from ._measure import _Memory, _Series, _Timer
+from ._results import BackendResult
 
 if TYPE_CHECKING:
     import torch
 
-    from ._model import WorldModel
-    from ._state import State
+    from ..protocol._model import WorldModel
+    from ..state._state import State
 
 __all__ = ["BACKENDS"]
 
@@ -76,7 +76,7 @@ class _Inputs:
 def _make_inputs(model: WorldModel, batch: int, horizon: int, seed: int) -> _Inputs:
     import torch
 
-    from ._inputs import make_actions, make_conditions, make_noise, make_observations
+    from ..protocol._inputs import make_actions, make_conditions, make_noise, make_observations
 
     contract = model.io_contract()
     gen = torch.Generator().manual_seed(seed)
@@ -104,7 +104,7 @@ def _actions(inputs: _Inputs) -> torch.Tensor:
 
 
 def _initial_state(model: WorldModel, inputs: _Inputs) -> State:
-    from ._inputs import encode_input
+    from ..protocol._inputs import encode_input
 
     return model.encode(encode_input(inputs.obs, inputs.encode_noise, inputs.conds))
 
@@ -200,7 +200,7 @@ def _time_model(
 ) -> _Timer:
     """Warm up one transition and a whole rollout of ``model`` (any protocol implementation)
     and return their timer; peak memory covers the warm-up calls."""
-    from ._inputs import conditions_payload
+    from ..protocol._inputs import conditions_payload
 
     inputs = _make_inputs(ctx.model, batch, ctx.horizon, ctx.seed).to(device)
     if memory is None:
@@ -260,7 +260,7 @@ def _bench_torch_cudagraph(ctx: _Context, result: BackendResult) -> _Timer | Non
     """Capture one transition and a whole rollout in CUDA graphs and time their replay."""
     import torch
 
-    from ._inputs import conditions_payload
+    from ..protocol._inputs import conditions_payload
 
     device = "cuda"
     result.device = device
@@ -388,7 +388,7 @@ def _printable(options: Mapping[str, Any]) -> dict[str, Any]:
 def _bench_ort(ctx: _Context, result: BackendResult, backend: str) -> _Timer | None:
     import torch
 
-    from ._registry import registry
+    from ..registry._registry import registry
 
     device = _ORT[backend]
     result.device = device
@@ -467,7 +467,7 @@ def _parity(
     For a fused backend the rollouts span at least one fused horizon, so the fused graph is
     what the free-running check compares.
     """
-    from . import parity
+    from .. import parity
 
     batches = ctx.parity["batches"] or [min(batch, 64)]
     horizon = min(ctx.parity["horizon"], ctx.horizon)

@@ -20,10 +20,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._artifact import MANIFEST_FILE, read_artifact_manifest
-from ._bench_backends import _FUSED, BACKENDS, _Context, _fail, _prepare_backend
-from ._bench_measure import _loadavg, _time_interleaved, _Timer, environment
-from ._bench_report import (
+from .._torch_env import tf32 as use_tf32
+from ..errors import BackendError, ConfigError
+from ..registry._artifact import MANIFEST_FILE, read_artifact_manifest
+from ..registry._from_export import model_from_export
+from ._backends import _FUSED, BACKENDS, _Context, _fail, _prepare_backend
+from ._measure import _loadavg, _time_interleaved, _Timer, environment
+from ._report import (
     FORMAT,
     FORMAT_VERSION,
     TARGETS,
@@ -32,13 +35,10 @@ from ._bench_report import (
     to_markdown,
     write,
 )
-from ._bench_results import BackendResult, BenchRun, Timing
-from ._torch_env import model_from_export
-from ._torch_env import tf32 as use_tf32
-from .errors import BackendError, ConfigError
+from ._results import BackendResult, BenchRun, Timing
 
 if TYPE_CHECKING:
-    from ._model import WorldModel
+    from ..protocol._model import WorldModel
 
 # The public names of the _bench_* modules are re-exported here so that callers, benchmarks and
 # the API docs keep one import path.
@@ -107,11 +107,11 @@ def run(
     """
     import torch
 
-    from . import export
+    from ..exporting import export
 
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
-        from .errors import did_you_mean
+        from ..errors import did_you_mean
 
         raise ConfigError(
             f"unknown backend {unknown[0]!r}.{did_you_mean(unknown[0], BACKENDS)}",
@@ -228,7 +228,7 @@ def _reference_for_ref(
 ) -> tuple[WorldModel, str]:
     import torch
 
-    from ._registry import registry
+    from ..registry._registry import registry
 
     if reference is not None:
         return _given_reference(reference)
@@ -238,8 +238,8 @@ def _reference_for_ref(
 
 
 def _given_reference(reference: WorldModel | str | Path) -> tuple[WorldModel, str]:
-    from ._model import WorldModel
-    from ._registry import registry
+    from ..protocol._model import WorldModel
+    from ..registry._registry import registry
 
     if isinstance(reference, WorldModel):
         return reference, "given model"
@@ -269,7 +269,7 @@ def _reference_for_export(
 
 def check_backend_names(names: Sequence[str]) -> list[str]:
     """Validate backend names given by a user; raise `BackendError` naming the closest one."""
-    from .errors import did_you_mean
+    from ..errors import did_you_mean
 
     for name in names:
         if name not in BACKENDS:

@@ -8,17 +8,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._contract import IOContract, NoiseSpec, TensorSpec, condition_key
+from ..contract._io import IOContract, NoiseSpec, TensorSpec, condition_key
 from ._payloads import ConditionPayload, WorldModelInput
 
 __all__ = [
     "conditions_payload",
+    "encode_input",
     "make_actions",
     "make_conditions",
     "make_noise",
     "make_noise_tensor",
     "make_observations",
     "make_tensor",
+    "noise_conditions",
 ]
 
 # Uniform noise stays off the ends: inverse-CDF and Gumbel transforms diverge at 0 and 1.

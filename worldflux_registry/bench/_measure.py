@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._bench_results import Timing
-from ._torch_env import tf32_state
+from .._torch_env import tf32_state
+from ._results import Timing
 
 if TYPE_CHECKING:
-    from ._bench_results import BackendResult
+    from ._results import BackendResult
 
 __all__ = ["environment"]
 

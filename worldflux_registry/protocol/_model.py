@@ -11,7 +11,11 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
-from ._contract import Capability, IOContract, NoiseSpec, condition_key
+from ..contract._family import FamilySpec
+from ..contract._io import Capability, IOContract, NoiseSpec, condition_key
+from ..contract._locate import locate_family
+from ..errors import CapabilityError, ContractError
+from ..state._state import State
 from ._payloads import (
     ActionPayload,
     ConditionPayload,
@@ -21,9 +25,6 @@ from ._payloads import (
     WorldModelInput,
     tensor_problems,
 )
-from ._spec import FamilySpec
-from ._state import State
-from .errors import CapabilityError, ContractError
 
 __all__ = ["WorldModel"]
 
@@ -100,9 +101,7 @@ class WorldModel(nn.Module, ABC):
                         "io_contract()",
                         hint="set the class attribute 'family' or override io_contract()",
                     )
-                from ._registry import registry
-
-                spec = registry.get(self.family)
+                spec = locate_family(self.family)
             self._contract_cache = spec.contract_for(self.config)
         return self._contract_cache
 
@@ -396,7 +395,7 @@ class WorldModel(nn.Module, ABC):
         Writes ``config.json`` and ``model.safetensors`` atomically (temporary sibling
         directory, then rename). Returns the directory.
         """
-        from ._checkpoint import save_pretrained
+        from ..checkpoint._format import save_pretrained
 
         saved: Path = save_pretrained(self, path)
         return saved

@@ -17,22 +17,23 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from ._artifact import MANIFEST_FILE, read_artifact_manifest
-from ._contract import Capability, IOContract
-from ._discovery import Discovery, PluginRecord, discover, resolve_target
-from ._spec import ExporterSpec, FamilySpec
-from .errors import (
+from ..contract._family import ExporterSpec, FamilySpec
+from ..contract._io import Capability, IOContract
+from ..errors import (
     AmbiguousReferenceError,
     ConfigError,
     ResolutionError,
     WorldFluxRegistryError,
     did_you_mean,
 )
+from ._artifact import MANIFEST_FILE, read_artifact_manifest
+from ._discovery import Discovery, PluginRecord, discover, resolve_target
+from ._load import _place, load_checkpoint
 
 if TYPE_CHECKING:
     import torch
 
-    from ._model import WorldModel
+    from ..protocol._model import WorldModel
 
 __all__ = ["Registry", "Resolved", "registry"]
 
@@ -355,7 +356,7 @@ class Registry:
                 hint="a ref containing '/' or starting with '.' is a checkpoint or export "
                 "directory; family names never contain '/'",
             )
-        from ._checkpoint import CONFIG_FILE, FORMAT, WEIGHTS_FILE, read_config
+        from ..checkpoint._format import CONFIG_FILE, FORMAT, WEIGHTS_FILE, read_config
 
         config_file, manifest_file = path / CONFIG_FILE, path / MANIFEST_FILE
         is_checkpoint = (path / WEIGHTS_FILE).is_file() or _json_format(config_file) == FORMAT
@@ -427,7 +428,6 @@ class Registry:
                     f"{resolved.path!r}",
                     hint="a checkpoint's config is fixed by its weights; load a preset instead",
                 )
-            from ._checkpoint import load_checkpoint
 
             return load_checkpoint(resolved.path or "", registry=self, device=device, dtype=dtype)
         if resolved.kind == "artifact":
@@ -449,13 +449,13 @@ class Registry:
 
         The model keeps ``spec`` as ``model.family_spec``, which its ``io_contract()`` reads.
         """
-        from ._model import WorldModel
+        from ..protocol._model import WorldModel
 
         cls = resolve_target(
             spec.model, what=f"family {spec.name!r} model", distribution=spec.distribution
         )
         if not (isinstance(cls, type) and issubclass(cls, WorldModel)):
-            from .errors import PluginError
+            from ..errors import PluginError
 
             raise PluginError(
                 f"family {spec.name!r} model {spec.model!r} is not a WorldModel subclass",
@@ -503,21 +503,6 @@ class Registry:
             raise ResolutionError(f"{ref!r} is an export artifact; read its manifest.json")
         spec = self.get(resolved.family or "")
         return spec.contract_for(dict(spec.defaults) | dict(resolved.config))
-
-
-def _place(model: WorldModel, device: Any, dtype: Any) -> WorldModel:
-    if dtype is not None:
-        import torch
-
-        if isinstance(dtype, str):
-            parsed = getattr(torch, dtype, None)
-            if not isinstance(parsed, torch.dtype):
-                raise ConfigError(f"unknown dtype {dtype!r}", hint="e.g. 'float32', 'float16'")
-            dtype = parsed
-        model = model.to(dtype=dtype)
-    if device is not None:
-        model = model.to(device=device)
-    return model
 
 
 def _opt_str(value: Any) -> str | None:

@@ -15,9 +15,9 @@ from typing import Any, Final
 
 import pluggy
 
-from . import hookspecs
-from ._spec import ExporterSpec, FamilySpec
-from .errors import PluginConflictError, PluginError
+from .. import hookspecs
+from ..contract._family import ExporterSpec, FamilySpec
+from ..errors import PluginConflictError, PluginError
 
 __all__ = [
     "ENTRY_POINT_GROUP",

@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from multiprocessing import shared_memory
 from typing import TYPE_CHECKING, Any, Final
 
-from ._state_wire import TensorRecord, check_state_meta, parse_record, tensor_bytes, torch_dtype
-from .errors import StateFormatError
+from ..errors import StateFormatError
+from ._wire import TensorRecord, check_state_meta, parse_record, tensor_bytes, torch_dtype
 
 if TYPE_CHECKING:
     import torch

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["register"]
 
@@ -68,7 +68,7 @@ def register(subparsers: Any) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from . import _bench
+    from .. import bench as _bench
 
     _bench.check_backend_names(args.backends)
     if args.horizon < 1:

@@ -48,8 +48,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from ._export import check_export, export
-    from ._registry import registry
+    from ..exporting._export import check_export, export
+    from ..registry._registry import registry
 
     console = Console(stderr=True, highlight=False)
     graphs: Any = (

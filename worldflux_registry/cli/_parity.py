@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._artifact import read_artifact_manifest
-from .errors import WorldFluxRegistryError
+from ..errors import WorldFluxRegistryError
+from ..registry._artifact import read_artifact_manifest
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from ._model import WorldModel
+    from ..protocol._model import WorldModel
 
 __all__ = ["register"]
 
@@ -123,8 +123,8 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     except WorldFluxRegistryError as exc:
         return _usage(err, str(exc))
     try:
-        from . import parity
-        from ._registry import registry
+        from .. import parity
+        from ..registry._registry import registry
 
         options: dict[str, Any] = {}
         if args.providers:
@@ -165,7 +165,7 @@ def _cmd_parity(args: argparse.Namespace) -> int:
 def _reference(
     args: argparse.Namespace, export_dir: Path, manifest: dict[str, Any]
 ) -> tuple[WorldModel, str | None]:
-    from ._registry import is_path_ref, registry
+    from ..registry._registry import is_path_ref, registry
 
     device = args.device or "cpu"
     if args.reference:
@@ -175,7 +175,7 @@ def _reference(
         return registry.load(ref, device=device), None
     import torch
 
-    from ._torch_env import model_from_export
+    from ..registry._from_export import model_from_export
 
     # Tensors the export does not hold keep this seeded init: unused by the exported graphs
     # they cannot matter, and folded into them they make parity fail, which says so.
@@ -195,6 +195,6 @@ def _reference(
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from ._cli import main
+    from ._main import main
 
     sys.exit(main(["parity", *sys.argv[1:]]))

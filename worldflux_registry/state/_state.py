@@ -10,8 +10,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ._dims import dim
-from .errors import ContractError
+from .._dims import dim
+from ..errors import ContractError
 
 if TYPE_CHECKING:
     import torch
@@ -119,7 +119,7 @@ class State:
                 carry (e.g. complex), a value that is not a tensor, or ``meta`` that is not
                 plain JSON (string keys; str, int, finite float, bool, None, list, dict).
         """
-        from ._state_wire import encode
+        from ._wire import encode
 
         return encode(self.tensors, self.meta, version=version, format=format)
 
@@ -136,7 +136,7 @@ class State:
                 JSON, unknown dtype, bad dims, nbytes inconsistent with the shape, truncated
                 data, trailing bytes). Nothing larger than the payload is ever allocated.
         """
-        from ._state_wire import decode
+        from ._wire import decode
 
         tensors, meta = decode(payload)
         return cls(tensors, meta)

@@ -7,8 +7,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._contract import Capability, IOContract
-from .errors import ConfigError, ContractError, PluginError, did_you_mean
+from ..errors import ConfigError, ContractError, PluginError, did_you_mean
+from ._io import Capability, IOContract
 
 __all__ = ["ExporterSpec", "FamilySpec"]
 
@@ -122,7 +122,7 @@ class FamilySpec:
             ResolutionError: unknown preset (with the did-you-mean).
             ConfigError: an override names no config field (with the did-you-mean).
         """
-        from .errors import ResolutionError
+        from ..errors import ResolutionError
 
         name = self.default_preset if preset is None else preset
         if name not in self.presets:

@@ -8,10 +8,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._bench_backends import _FUSED, _shorten
-from ._bench_measure import environment
-from ._bench_results import BenchRun
-from ._files import atomic_write
+from .._files import atomic_write
+from ._backends import _FUSED, _shorten
+from ._measure import environment
+from ._results import BenchRun
 
 __all__ = [
     "FORMAT",

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import ResolutionError, WorldFluxRegistryError
+from ..errors import ResolutionError, WorldFluxRegistryError
 
 __all__ = ["MANIFEST_FILE", "read_artifact_manifest"]
 

@@ -13,22 +13,21 @@ import shutil
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from .errors import CheckpointError, WorldFluxRegistryError
+from ..contract._family import FamilySpec
+from ..contract._io import IOContract
+from ..contract._locate import FamilyLookup, locate_family
+from ..errors import CheckpointError, WorldFluxRegistryError
 
 if TYPE_CHECKING:
     import torch
-
-    from ._model import WorldModel
-    from ._registry import Registry
 
 __all__ = [
     "CONFIG_FILE",
     "FORMAT",
     "FORMAT_VERSION",
     "WEIGHTS_FILE",
-    "load_checkpoint",
     "read_config",
     "save_pretrained",
 ]
@@ -37,6 +36,26 @@ FORMAT: Final = "worldflux.checkpoint"
 FORMAT_VERSION: Final = 1
 CONFIG_FILE: Final = "config.json"
 WEIGHTS_FILE: Final = "model.safetensors"
+
+
+class _Saveable(Protocol):
+    """What saving needs of a model (a `WorldModel` has all of it)."""
+
+    @property
+    def family(self) -> str | None: ...
+
+    @property
+    def family_spec(self) -> FamilySpec | None: ...
+
+    @property
+    def preset(self) -> str | None: ...
+
+    @property
+    def config(self) -> Mapping[str, Any]: ...
+
+    def io_contract(self) -> IOContract: ...
+
+    def state_dict(self) -> Mapping[str, torch.Tensor]: ...
 
 
 def _sha256(path: Path) -> str:
@@ -93,20 +112,21 @@ def _dedupe(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
 
 
 def _family_record(
-    model: WorldModel, registry: Registry | None
+    model: _Saveable, registry: FamilyLookup | None
 ) -> tuple[str | None, str | None, str | None]:
-    """(family version, distribution, distribution version) as the registry knows them."""
-    from ._registry import registry as default_registry
-
+    """(family version, distribution, distribution version) of the model's installed family."""
     try:
-        spec = (registry or default_registry).get(model.family or "")
+        if registry is not None:
+            spec = registry.get(model.family or "")
+        else:
+            spec = model.family_spec or locate_family(model.family or "")
     except WorldFluxRegistryError:
         return None, None, None
     return spec.version, spec.distribution, spec.distribution_version
 
 
 def save_pretrained(
-    model: WorldModel, path: str | Path, *, registry: Registry | None = None
+    model: _Saveable, path: str | Path, *, registry: FamilyLookup | None = None
 ) -> Path:
     """Write ``model`` to the directory ``path`` atomically; return the path.
 
@@ -260,112 +280,6 @@ def read_config(path: str | Path) -> dict[str, Any]:
                 hint="the checkpoint is corrupt; save it again",
             )
     return data
-
-
-def _major(version: str | None) -> int | None:
-    if not version:
-        return None
-    head = str(version).split(".", 1)[0]
-    return int(head) if head.isdigit() else None
-
-
-def load_checkpoint(
-    path: str | Path,
-    *,
-    registry: Registry | None = None,
-    device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = None,
-) -> WorldModel:
-    """Load a `save_pretrained` directory as a model in eval mode.
-
-    Checks, each raising `CheckpointError` that names the problem and the next step: the
-    format and its version; the family is installed (it is looked up by name, never imported
-    from the file); its major version is not older than the one that saved; every saved config
-    field exists; the installed contract for the saved config has the saved fingerprint; the
-    weights' sha256 and safetensors metadata; no missing, unexpected or mis-shaped tensors.
-    """
-    from ._registry import _place
-    from ._registry import registry as default_registry
-
-    reg = registry or default_registry
-    root = Path(path)
-    data = read_config(root)
-    family = data["family"]
-    try:
-        spec = reg.get(family)
-    except WorldFluxRegistryError as exc:
-        dist = data.get("distribution")
-        installed = "is not installed" if type(exc).__name__ == "ResolutionError" else "failed"
-        raise CheckpointError(
-            f"checkpoint {root} needs family {family!r}, which {installed}: {exc.message}",
-            hint=f"pip install {dist}" if dist else "install the plugin providing it",
-            family=family,
-        ) from exc
-
-    saved_major, installed_major = _major(data.get("family_version")), _major(spec.version)
-    if saved_major is not None and installed_major is not None and saved_major > installed_major:
-        raise CheckpointError(
-            f"checkpoint {root} was saved by {family!r} {data['family_version']}, newer than "
-            f"the installed {spec.version}",
-            hint=f"upgrade {spec.distribution or 'the family plugin'}",
-            family=family,
-        )
-
-    unknown = sorted(k for k in data["config"] if k not in spec.defaults)
-    if unknown:
-        raise CheckpointError(
-            f"checkpoint {root} sets config fields {unknown} that family {family!r} "
-            f"{spec.version} does not have",
-            hint="install the family version that saved it",
-            family=family,
-        )
-    config = {**spec.defaults, **data["config"]}
-    fingerprint = spec.contract_for(config).fingerprint()
-    if fingerprint != data["fingerprint"]:
-        raise CheckpointError(
-            f"checkpoint {root} was saved with contract {data['fingerprint']} but the installed "
-            f"{family!r} {spec.version} gives {fingerprint} for its config",
-            hint="the family's I/O contract changed; install the version that saved it",
-            family=family,
-        )
-
-    weights_info = data["weights"]
-    weights = root / str(weights_info.get("file", WEIGHTS_FILE))
-    if not weights.is_file():
-        raise CheckpointError(
-            f"checkpoint {root} has no weights file {weights.name!r}",
-            hint="the checkpoint is incomplete; save it again",
-        )
-    digest = _sha256(weights)
-    if digest != weights_info.get("sha256"):
-        raise CheckpointError(
-            f"{weights} has sha256 {digest}, but config.json records {weights_info.get('sha256')}",
-            hint="the weights are corrupt or were modified; save the checkpoint again",
-            family=family,
-        )
-    tensors, metadata = _read_weights(weights)
-    for key in ("family", "fingerprint"):
-        if metadata.get(key) != data[key]:
-            raise CheckpointError(
-                f"{weights} metadata {key} {metadata.get(key)!r} disagrees with config.json "
-                f"({data[key]!r})",
-                hint="the files come from different checkpoints; save it again",
-            )
-    try:
-        aliases = json.loads(metadata.get("aliases") or "{}")
-    except json.JSONDecodeError:
-        raise CheckpointError(
-            f"{weights} metadata 'aliases' is not JSON",
-            hint="the weights are corrupt; save the checkpoint again",
-        ) from None
-    for alias, kept in aliases.items():
-        if kept in tensors:
-            tensors[alias] = tensors[kept]
-
-    model = reg.build(spec, config, preset=data.get("preset"))
-    _check_tensors(root, model.state_dict(), tensors)
-    model.load_state_dict(tensors, strict=True)
-    return _place(model, device, dtype).eval()
 
 
 def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

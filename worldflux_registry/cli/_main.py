@@ -14,27 +14,27 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-from .errors import WorldFluxRegistryError
+from ..errors import WorldFluxRegistryError
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from ._contract import IOContract
-    from ._registry import Registry
-    from ._spec import FamilySpec
+    from ..contract._family import FamilySpec
+    from ..contract._io import IOContract
+    from ..registry._registry import Registry
 
 __all__ = ["build_parser", "main"]
 
 #: Modules that add subcommands: each defines ``register(subparsers)``; a missing one is skipped.
 _CLI_EXTENSIONS: Final = (
-    "worldflux_registry._cli_export",
-    "worldflux_registry._cli_parity",
-    "worldflux_registry._cli_bench",
+    "worldflux_registry.cli._export",
+    "worldflux_registry.cli._parity",
+    "worldflux_registry.cli._bench",
 )
 
 
 def _registry() -> Registry:
-    from ._registry import registry
+    from ..registry._registry import registry
 
     return registry
 
@@ -186,7 +186,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _info_artifact(args: argparse.Namespace, resolved: dict[str, Any]) -> int:
-    from ._artifact import read_artifact_manifest
+    from ..registry._artifact import read_artifact_manifest
 
     manifest = read_artifact_manifest(resolved["path"])
     if args.json:
@@ -246,7 +246,7 @@ def _info_artifact(args: argparse.Namespace, resolved: dict[str, Any]) -> int:
 def _contract_table(contract: IOContract, title: str) -> Any:
     from rich.table import Table
 
-    from ._contract import iter_specs
+    from ..contract._io import iter_specs
 
     table = Table(title=title, title_justify="left")
     for column in ("group", "name", "dtype", "shape", "kind", "notes"):

@@ -9,16 +9,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._artifact import MANIFEST_FILE, read_artifact_manifest
-from ._files import atomic_write
-from .errors import ExportError
+from .._files import atomic_write
+from ..errors import ExportError
+from ..registry._artifact import MANIFEST_FILE, read_artifact_manifest
 
 if TYPE_CHECKING:
-    from ._model import WorldModel
-    from ._registry import Registry
-    from .parity import ParityReport
+    from ..parity import ParityReport
+    from ..protocol._model import WorldModel
+    from ..registry._registry import Registry
 
-__all__ = ["export"]
+__all__ = ["check_export", "export"]
 
 #: Graphs exported when none are named.
 DEFAULT_GRAPHS = ("encode", "transition", "decode")
@@ -61,10 +61,10 @@ def export(
             install), or an unknown ref.
         ExportError: the exporter failed (naming the graph and operator at fault).
     """
-    from ._discovery import resolve_target
+    from ..registry._discovery import resolve_target
 
     if registry is None:
-        from ._registry import registry as default_registry
+        from ..registry._registry import registry as default_registry
 
         registry = default_registry
     spec = registry.get_exporter(format)
@@ -108,10 +108,10 @@ def check_export(
 
     Returns None (with a warning) only when the parity package cannot be imported.
     """
-    from ._discovery import resolve_target
+    from ..registry._discovery import resolve_target
 
     if registry is None:
-        from ._registry import registry as default_registry
+        from ..registry._registry import registry as default_registry
 
         registry = default_registry
     spec = registry.get_exporter(format)
@@ -121,9 +121,9 @@ def check_export(
             hint="pass check=False",
         )
     try:
-        from . import parity
-        from .parity._check import DEFAULT_HORIZON
-        from .parity._tolerance import normalize_precision
+        from .. import parity
+        from ..parity._check import DEFAULT_HORIZON
+        from ..parity._tolerance import normalize_precision
     except ImportError:  # pragma: no cover - parity ships with the core; guard a broken install
         warnings.warn("worldflux_registry.parity is unavailable: export not checked", stacklevel=3)
         return None

@@ -12,14 +12,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ._dims import dim
-from .errors import ContractError
+from .._dims import dim
+from ..errors import ContractError
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from ._contract import TensorSpec
-    from ._state import State
+    from ..contract._io import TensorSpec
+    from ..state._state import State
 
 __all__ = [
     "ActionPayload",

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from .errors import StateFormatError
+from ..errors import StateFormatError
 
 if TYPE_CHECKING:
     import numpy as np
