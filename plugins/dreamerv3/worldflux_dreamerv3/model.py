@@ -1,14 +1,24 @@
-"""DreamerV3 world model in PyTorch, following the official implementation (danijar/dreamerv3).
+"""DreamerV3 agent in PyTorch: a port of the official code (danijar/dreamerv3 @ e3f0224).
 
-RSSM with a block-diagonal GRU (``blocks`` groups), 32 categorical latents with 1% unimix and
-straight-through gradients, RMSNorm + SiLU everywhere, MLP / CNN encoders and decoders, a
-two-hot reward head over 255 bins in symlog space and a Bernoulli continue head. Stochastic steps
-sample with Gumbel-max from explicit uniform noise, so each graph is a deterministic function
-of its inputs (the exporter passes that noise as a plain input).
+Module and parameter names mirror the official ``elements`` checkpoint keys (``dyn/dynin0/kernel``
+is ``dyn.dynin0.kernel`` here, ``enc`` is ``encoder``, ``dec`` is ``decoder``) and kernels keep
+the official layouts (linear ``[in, out]``, conv ``HWIO``, block linear ``[blocks, in, out]``), so
+`worldflux_dreamerv3.importer` copies official weights without reshaping them.
+
+What it computes, as the official code does: RSSM with a block GRU (``blocks`` groups), 32
+categorical latents with 1% unimix and straight-through gradients, RMSNorm + SiLU everywhere,
+MLP / CNN encoders and decoders, raw-space ``symexp_twohot`` reward and value heads, a Bernoulli
+continue head, a bounded-normal or categorical actor (``pol``), a critic (``val``) and its slow
+copy (``slowval``). Every random draw is an explicit input (uniform noise for Gumbel-max latent
+samples, standard-normal or uniform noise for actions), so each step is a deterministic function
+of its inputs.
+
+A deployer calls `DreamerV3WorldModel.act` once per environment step.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,12 +35,83 @@ from worldflux_registry import (
     State,
     WorldModel,
 )
-from worldflux_registry.functional import symexp, symlog, two_hot, two_hot_mean
+from worldflux_registry.functional import symexp, symlog, two_hot_mean
 from worldflux_registry.plugin_api import ActionLike, ObsLike
 
 from . import spec
 
-__all__ = ["DreamerV3WorldModel", "symexp", "symlog"]
+__all__ = [
+    "DreamerV3WorldModel",
+    "symexp",
+    "symexp_twohot_bins",
+    "symlog",
+    "twohot_raw",
+]
+
+#: Official ``trunc_normal`` initializer: a standard normal truncated to [-2, 2], times this
+#: factor (to restore unit variance), times ``sqrt(1 / fan_in)``.
+_TRUNC_NORMAL_GAIN = 1.1368
+
+
+def _trunc_normal_in(param: Tensor, fan_in: int, outscale: float = 1.0) -> None:
+    """Official ``winit: trunc_normal_in`` (``nets.Initializer``), scaled by ``outscale``."""
+    with torch.no_grad():
+        if outscale == 0.0:
+            param.zero_()
+            return
+        nn.init.trunc_normal_(param, 0.0, 1.0, -2.0, 2.0)
+        param.mul_(_TRUNC_NORMAL_GAIN * math.sqrt(1.0 / fan_in) * outscale)
+
+
+def symexp_twohot_bins(n: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The ``n`` raw-space bins of the official ``symexp_twohot`` head.
+
+    ``symexp(linspace(-20, 0, .))`` mirrored to exactly antisymmetric values (``n`` odd: the
+    middle bin is 0), spaced exponentially up to about ``+-4.85e8``.
+    """
+    if n % 2 == 1:
+        half = symexp(torch.linspace(-20.0, 0.0, (n - 1) // 2 + 1, dtype=dtype))
+        return torch.cat([half, -half[:-1].flip(0)])
+    half = symexp(torch.linspace(-20.0, 0.0, n // 2, dtype=dtype))
+    return torch.cat([half, -half.flip(0)])
+
+
+def twohot_raw(target: Tensor, bins: Tensor) -> Tensor:
+    """Two-hot weights of raw-space ``target`` over increasing raw-space ``bins`` (official).
+
+    The weight of each of the two neighbouring bins is linear in raw space (no symlog squash);
+    values beyond the end bins put all weight on the end bin. Returns ``[*target.shape, n]``.
+    """
+    n = int(bins.shape[0])
+    t = target.unsqueeze(-1)
+    below = ((bins <= t).sum(-1) - 1).clamp(0, n - 1)
+    above = (n - (bins > t).sum(-1)).clamp(0, n - 1)
+    equal = below == above
+    one = torch.ones_like(target)
+    to_below = torch.where(equal, one, (bins[below] - target).abs())
+    to_above = torch.where(equal, one, (bins[above] - target).abs())
+    total = to_below + to_above
+    w_below, w_above = to_above / total, to_below / total
+    classes = torch.arange(n, device=target.device)
+    return (below.unsqueeze(-1) == classes).to(target.dtype) * w_below.unsqueeze(-1) + (
+        above.unsqueeze(-1) == classes
+    ).to(target.dtype) * w_above.unsqueeze(-1)
+
+
+# -- building blocks ---------------------------------------------------------------------------
+
+
+class Linear(nn.Module):
+    """``x @ kernel + bias`` with the official layout: ``kernel [in, out]``, ``bias [out]``."""
+
+    def __init__(self, inp: int, out: int, outscale: float = 1.0) -> None:
+        super().__init__()
+        self.kernel = nn.Parameter(torch.empty(inp, out))
+        self.bias = nn.Parameter(torch.zeros(out))
+        _trunc_normal_in(self.kernel, inp, outscale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.matmul(x, self.kernel) + self.bias
 
 
 class RMSNorm(nn.Module):
@@ -42,97 +123,139 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps) * self.scale
-
-
-class NormAct(nn.Module):
-    """Linear, RMSNorm, SiLU: the official building block."""
-
-    def __init__(self, inp: int, out: int) -> None:
-        super().__init__()
-        self.linear = nn.Linear(inp, out)
-        self.norm = RMSNorm(out)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.silu(self.norm(self.linear(x)))
-
-
-def mlp(inp: int, units: int, layers: int) -> nn.Sequential:
-    """``layers`` stacked `NormAct` blocks."""
-    return nn.Sequential(*[NormAct(inp if i == 0 else units, units) for i in range(layers)])
+        return x * (torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps) * self.scale)
 
 
 class BlockLinear(nn.Module):
-    """Block-diagonal linear layer: ``groups`` independent maps of ``inp/groups -> out/groups``."""
+    """Block-diagonal linear layer (official ``BlockLinear``): ``kernel [groups, in/g, out/g]``.
+
+    Initialised with the fan-in of the full input width, as the official initializer computes
+    it for this kernel shape.
+    """
 
     def __init__(self, inp: int, out: int, groups: int) -> None:
         super().__init__()
         self.groups = groups
-        self.weight = nn.Parameter(torch.empty(groups, inp // groups, out // groups))
+        self.kernel = nn.Parameter(torch.empty(groups, inp // groups, out // groups))
         self.bias = nn.Parameter(torch.zeros(out))
-        bound = 1.0 / (inp // groups) ** 0.5
-        nn.init.uniform_(self.weight, -bound, bound)
+        _trunc_normal_in(self.kernel, inp)
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        x = x.reshape(-1, self.groups, self.weight.shape[1])
+        x = x.reshape(-1, self.groups, self.kernel.shape[1])
         # A batched matmul over the groups, not einsum: ONNX Runtime's Einsum kernel is several
         # times slower than MatMul for this pattern (benchmarks/results/rollout_speed_cpu.md).
-        y = torch.matmul(x.transpose(0, 1), self.weight).transpose(0, 1)
+        y = torch.matmul(x.transpose(0, 1), self.kernel).transpose(0, 1)
         return y.reshape(*lead, -1) + self.bias
 
 
-class ChannelNorm(nn.Module):
-    """`RMSNorm` over the channels of an NCHW feature map."""
+class Conv(nn.Module):
+    """Stride-1 SAME convolution on NCHW maps, kernel stored ``HWIO`` as official."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, inp: int, out: int, kernel: int, outscale: float = 1.0) -> None:
         super().__init__()
-        self.norm = RMSNorm(channels)
+        self.pad = kernel // 2
+        self.kernel = nn.Parameter(torch.empty(kernel, kernel, inp, out))
+        self.bias = nn.Parameter(torch.zeros(out))
+        _trunc_normal_in(self.kernel, kernel * kernel * inp, outscale)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return F.conv2d(x, self.kernel.permute(3, 2, 0, 1), self.bias, padding=self.pad)
+
+
+class ChannelNorm(RMSNorm):
+    """`RMSNorm` over the channels of an NCHW feature map (official norm on NHWC)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class MLP(nn.Module):
+    """Official ``nets.MLP``: ``layers`` x (``linear{i}``, ``norm{i}``, SiLU)."""
+
+    def __init__(self, inp: int, units: int, layers: int) -> None:
+        super().__init__()
+        self.layers = layers
+        for i in range(layers):
+            self.add_module(f"linear{i}", Linear(inp if i == 0 else units, units))
+            self.add_module(f"norm{i}", RMSNorm(units))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i in range(self.layers):
+            x = F.silu(getattr(self, f"norm{i}")(getattr(self, f"linear{i}")(x)))
+        return x
+
+
+class MLPHead(nn.Module):
+    """Official ``MLPHead``: ``mlp`` then the output layers in ``head``."""
+
+    def __init__(self, inp: int, units: int, layers: int, head: nn.Module) -> None:
+        super().__init__()
+        self.mlp = MLP(inp, units, layers)
+        self.head = head
+
+
+def _head(outscale: float, units: int, **widths: int) -> nn.ModuleDict:
+    return nn.ModuleDict({k: Linear(units, w, outscale) for k, w in widths.items()})
+
+
+def _norm_act(norm: nn.Module, x: Tensor) -> Tensor:
+    return F.silu(norm(x))
 
 
 class Encoder(nn.Module):
-    """Observations -> embedding: MLP on symlog vectors, CNN with max-pooling on images."""
+    """Observations -> tokens (official ``Encoder``): symlog-vector MLP, then CNN on images.
+
+    Tokens are ``concat([mlp(symlog(vector)), cnn(image / 255 - 0.5) flattened HWC])``.
+    """
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__()
         self.obs_dim = int(config["obs_dim"])
         self.image = bool(config["image"])
+        self.layers = int(config["enc_layers"])
+        units = int(config["units"])
         if self.obs_dim:
-            self.mlp = mlp(self.obs_dim, int(config["units"]), int(config["enc_layers"]))
+            for i in range(self.layers):
+                self.add_module(f"mlp{i}", Linear(self.obs_dim if i == 0 else units, units))
+                self.add_module(f"mlp{i}norm", RMSNorm(units))
+        self.depths = [int(config["depth"]) * int(m) for m in config["mults"]]
         if self.image:
-            layers: list[nn.Module] = []
             channels, kernel = spec.IMAGE_SHAPE[-1], int(config["kernel"])
-            for mult in config["mults"]:
-                depth = int(config["depth"]) * int(mult)
-                layers += [
-                    nn.Conv2d(channels, depth, kernel, padding=kernel // 2),
-                    nn.MaxPool2d(2),
-                    ChannelNorm(depth),
-                    nn.SiLU(),
-                ]
+            for i, depth in enumerate(self.depths):
+                self.add_module(f"cnn{i}", Conv(channels, depth, kernel))
+                self.add_module(f"cnn{i}norm", ChannelNorm(depth))
                 channels = depth
-            self.cnn = nn.Sequential(*layers)
 
     def forward(self, obs: Mapping[str, Tensor]) -> Tensor:
         # The weights' dtype: float32, or float16 in the half copy an fp16 export traces.
         dtype = next(self.parameters()).dtype
         outs = []
         if self.obs_dim:
-            outs.append(self.mlp(symlog(obs["vector"].to(dtype))))
+            x = symlog(obs["vector"].to(dtype))
+            for i in range(self.layers):
+                x = _norm_act(getattr(self, f"mlp{i}norm"), getattr(self, f"mlp{i}")(x))
+            outs.append(x)
         if self.image:
             img = obs["image"]
             x = img.to(dtype) / 255.0 - 0.5 if img.dtype == torch.uint8 else img.to(dtype) - 0.5
-            x = self.cnn(x.permute(0, 3, 1, 2))
+            x = x.permute(0, 3, 1, 2)
+            for i in range(len(self.depths)):
+                x = F.max_pool2d(getattr(self, f"cnn{i}")(x), 2)
+                x = _norm_act(getattr(self, f"cnn{i}norm"), x)
             # Flatten channels last, like the official HWC layout.
             outs.append(x.permute(0, 2, 3, 1).flatten(1))
         return torch.cat(outs, -1) if len(outs) > 1 else outs[0]
 
 
 class Decoder(nn.Module):
-    """Latent features -> observation reconstructions (symexp vectors, sigmoid images)."""
+    """Latent -> reconstructions (official ``Decoder``): vector in symlog space, image in [0, 1].
+
+    The vector MLP reads ``concat([stoch, deter])`` (official order, the opposite of the heads).
+    The image path: ``sp0`` (block linear on deter, each block paints its own channel group) plus
+    ``sp2(silu(sp1norm(sp1(stoch))))``, ``spnorm``, SiLU, then per level nearest 2x upsampling,
+    conv, norm, SiLU, and a last upsampling, ``imgout`` conv and sigmoid.
+    """
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__()
@@ -141,59 +264,107 @@ class Decoder(nn.Module):
         deter, units = int(config["deter"]), int(config["units"])
         stoch_flat = int(config["stoch"]) * int(config["classes"])
         if self.obs_dim:
-            self.mlp = mlp(stoch_flat + deter, units, int(config["dec_layers"]))
-            self.vec_out = nn.Linear(units, self.obs_dim)
+            self.mlp = MLP(stoch_flat + deter, units, int(config["dec_layers"]))
+            self.vec = nn.ModuleDict(
+                {"vector": nn.ModuleDict({"pred": Linear(units, self.obs_dim)})}
+            )
         if self.image:
             kernel = int(config["kernel"])
-            depths = [int(config["depth"]) * int(m) for m in config["mults"]]
-            self.last, self.bspace = depths[-1], int(config["bspace"])
+            self.depths = [int(config["depth"]) * int(m) for m in config["mults"]]
+            self.last, self.bspace = self.depths[-1], int(config["bspace"])
             space = 4 * 4 * self.last
             self.sp0 = BlockLinear(deter, space, self.bspace)
-            self.sp0norm = RMSNorm(self.last)
-            self.sp1 = NormAct(stoch_flat, 2 * units)
-            self.sp2 = nn.Linear(2 * units, space)
+            self.sp1 = Linear(stoch_flat, 2 * units)
+            self.sp1norm = RMSNorm(2 * units)
+            self.sp2 = Linear(2 * units, space)
             self.spnorm = RMSNorm(self.last)
-            layers: list[nn.Module] = []
             channels = self.last
-            for depth in reversed(depths[:-1]):
-                layers += [
-                    nn.Upsample(scale_factor=2, mode="nearest"),
-                    nn.Conv2d(channels, depth, kernel, padding=kernel // 2),
-                    ChannelNorm(depth),
-                    nn.SiLU(),
-                ]
-                channels = depth
-            layers += [
-                nn.Upsample(scale_factor=2, mode="nearest"),
-                nn.Conv2d(channels, spec.IMAGE_SHAPE[-1], kernel, padding=kernel // 2),
-            ]
-            self.cnn = nn.Sequential(*layers)
+            for i in reversed(range(len(self.depths) - 1)):
+                self.add_module(f"conv{i}", Conv(channels, self.depths[i], kernel))
+                self.add_module(f"conv{i}norm", ChannelNorm(self.depths[i]))
+                channels = self.depths[i]
+            self.imgout = Conv(channels, spec.IMAGE_SHAPE[-1], kernel)
 
     def forward(self, deter: Tensor, stoch: Tensor) -> dict[str, Tensor]:
         """Raw outputs: ``"vector"`` in symlog space, ``"image"`` in [0, 1] (NHWC)."""
         stoch = stoch.flatten(1)
         out = {}
         if self.obs_dim:
-            out["vector"] = self.vec_out(self.mlp(torch.cat([stoch, deter], -1)))
+            out["vector"] = self.vec["vector"]["pred"](self.mlp(torch.cat([stoch, deter], -1)))
         if self.image:
             g = self.bspace
             # '(g h w c) -> h w (g c)': each deter block paints its own channel group.
             x0 = self.sp0(deter).reshape(-1, g, 4, 4, self.last // g)
-            x0 = self.sp0norm(x0.permute(0, 2, 3, 1, 4).reshape(-1, 4, 4, self.last))
-            x1 = self.sp2(self.sp1(stoch)).reshape(-1, 4, 4, self.last)
-            x = F.silu(self.spnorm(x0 + x1)).permute(0, 3, 1, 2)
-            out["image"] = torch.sigmoid(self.cnn(x)).permute(0, 2, 3, 1)
+            x0 = x0.permute(0, 2, 3, 1, 4).reshape(-1, 4, 4, self.last)
+            x1 = self.sp2(_norm_act(self.sp1norm, self.sp1(stoch))).reshape(-1, 4, 4, self.last)
+            x = _norm_act(self.spnorm, x0 + x1).permute(0, 3, 1, 2)
+            for i in reversed(range(len(self.depths) - 1)):
+                x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+                x = _norm_act(getattr(self, f"conv{i}norm"), getattr(self, f"conv{i}")(x))
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            out["image"] = torch.sigmoid(self.imgout(x)).permute(0, 2, 3, 1)
         return out
 
 
+class RSSM(nn.Module):
+    """Official ``RSSM`` parameters: ``dynin*``/``dynhid*``/``dyngru`` core, ``obs*`` posterior
+    and ``prior*`` heads (the model's methods compute with them)."""
+
+    def __init__(self, config: Mapping[str, Any], embed: int, action_width: int) -> None:
+        super().__init__()
+        deter, hidden = int(config["deter"]), int(config["hidden"])
+        blocks = int(config["blocks"])
+        stoch_flat = int(config["stoch"]) * int(config["classes"])
+        self.dynlayers = int(config["dynlayers"])
+        self.obslayers = int(config["obslayers"])
+        self.imglayers = int(config["imglayers"])
+        for i, width in enumerate((deter, stoch_flat, action_width)):
+            self.add_module(f"dynin{i}", Linear(width, hidden))
+            self.add_module(f"dynin{i}norm", RMSNorm(hidden))
+        width = deter + 3 * hidden * blocks
+        for i in range(self.dynlayers):
+            self.add_module(f"dynhid{i}", BlockLinear(width, deter, blocks))
+            self.add_module(f"dynhid{i}norm", RMSNorm(deter))
+            width = deter
+        self.dyngru = BlockLinear(width, 3 * deter, blocks)
+        width = deter + embed
+        for i in range(self.obslayers):
+            self.add_module(f"obs{i}", Linear(width if i == 0 else hidden, hidden))
+            self.add_module(f"obs{i}norm", RMSNorm(hidden))
+        self.obslogit = Linear(hidden, stoch_flat)
+        for i in range(self.imglayers):
+            self.add_module(f"prior{i}", Linear(deter if i == 0 else hidden, hidden))
+            self.add_module(f"prior{i}norm", RMSNorm(hidden))
+        self.priorlogit = Linear(hidden, stoch_flat)
+
+    def stack(self, name: str, layers: int, x: Tensor) -> Tensor:
+        """``layers`` x (``{name}{i}``, ``{name}{i}norm``, SiLU)."""
+        for i in range(layers):
+            x = _norm_act(getattr(self, f"{name}{i}norm"), getattr(self, f"{name}{i}")(x))
+        return x
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+
 class DreamerV3WorldModel(WorldModel):
-    """The DreamerV3 world model (RSSM, encoder, decoder, reward and continue heads).
+    """The DreamerV3 agent: world model (RSSM, encoder, decoder, reward and continue heads),
+    actor ``pol``, critic ``val`` and slow critic ``slowval``.
 
     Build it from a full config (``FamilySpec.config(preset)``), usually through
-    ``registry.load("dreamerv3:ci")``. States hold ``"deter"`` ``[batch, deter]`` and ``"stoch"``
-    ``[batch, stoch, classes]`` (one-hot). ``encode`` runs the posterior step from the zero
-    state (as the official agent does on the first step of an episode), ``update`` is the
-    filtering step, ``transition`` the prior step used for imagination.
+    ``registry.load("dreamerv3:ci")``, or import official weights with
+    ``worldflux_dreamerv3.importer.import_checkpoint``. States hold ``"deter"``
+    ``[batch, deter]`` and ``"stoch"`` ``[batch, stoch, classes]`` (one-hot). ``encode`` runs the
+    posterior step from the zero state (as the official agent does on ``is_first``), ``update``
+    the filtering step, ``transition`` the prior step used for imagination.
+
+    Actions are float32 ``[batch, action_dim]`` (continuous) or, with
+    ``action_kind="discrete"``, an int32 index ``[batch]`` one-hot encoded inside.
+
+    Acting: call `act` once per environment step (posterior update + actor sample, noise as
+    explicit tensors). ``plan_step`` is not the acting method for this family: its signature
+    (state, action -> state) has no observation and returns no action, so it keeps the base
+    behaviour (a prior step).
     """
 
     family = spec.FAMILY
@@ -217,64 +388,89 @@ class DreamerV3WorldModel(WorldModel):
         self.stoch, self.classes = int(c["stoch"]), int(c["classes"])
         self.blocks, self.unimix = int(c["blocks"]), float(c["unimix"])
         self.action_dim = int(c["action_dim"])
+        self.discrete = c["action_kind"] == "discrete"
         self.obs_keys = tuple(
             k for k, on in (("vector", int(c["obs_dim"]) > 0), ("image", bool(c["image"]))) if on
         )
         stoch_flat, units = self.stoch * self.classes, int(c["units"])
-        feat = stoch_flat + self.deter
+        feat, bins = stoch_flat + self.deter, int(c["bins"])
 
         self.encoder = Encoder(c)
-        # RSSM core (official `_core`): inputs projected, block GRU over `blocks` groups.
-        self.dynin0 = NormAct(self.deter, self.hidden)
-        self.dynin1 = NormAct(stoch_flat, self.hidden)
-        self.dynin2 = NormAct(self.action_dim, self.hidden)
-        width = self.deter + 3 * self.hidden * self.blocks
-        hid: list[nn.Module] = []
-        for _ in range(int(c["dynlayers"])):
-            hid += [BlockLinear(width, self.deter, self.blocks), RMSNorm(self.deter), nn.SiLU()]
-            width = self.deter
-        self.dynhid = nn.Sequential(*hid)
-        self.dyngru = BlockLinear(width, 3 * self.deter, self.blocks)
-        self.obs_net = mlp(self.deter + spec.embed_dim(c), self.hidden, int(c["obslayers"]))
-        self.obs_logit = nn.Linear(self.hidden, stoch_flat)
-        self.img_net = mlp(self.deter, self.hidden, int(c["imglayers"]))
-        self.img_logit = nn.Linear(self.hidden, stoch_flat)
-
+        self.dyn = RSSM(c, spec.embed_dim(c), self.action_dim)
         self.decoder = Decoder(c)
-        self.rew_net = mlp(feat, units, int(c["head_layers"]))
-        self.rew_out = nn.Linear(units, int(c["bins"]))
-        self.con_net = mlp(feat, units, int(c["head_layers"]))
-        self.con_out = nn.Linear(units, 1)
-        # Official outscale 0.0: the reward head starts out predicting exactly zero.
-        nn.init.zeros_(self.rew_out.weight)
-        nn.init.zeros_(self.rew_out.bias)
-        # Bins in symlog space, made exactly antisymmetric so the symmetric sum cancels.
-        bins = torch.linspace(-20.0, 20.0, int(c["bins"]))
-        self.register_buffer("bins", (bins - bins.flip(0)) / 2.0, persistent=False)
+        # Official outscales: 0.0 for the two-hot heads (they start out predicting exactly 0),
+        # 1.0 for the continue head, 0.01 for the policy outputs.
+        self.rew = MLPHead(feat, units, int(c["head_layers"]), _head(0.0, units, logits=bins))
+        self.con = MLPHead(feat, units, int(c["head_layers"]), _head(1.0, units, logit=1))
+        pol_out = (
+            _head(0.01, units, logits=self.action_dim)
+            if self.discrete
+            else _head(0.01, units, mean=self.action_dim, stddev=self.action_dim)
+        )
+        self.pol = MLPHead(feat, units, int(c["actor_layers"]), nn.ModuleDict({"action": pol_out}))
+        layers = int(c["critic_layers"])
+        self.val = MLPHead(feat, units, layers, _head(0.0, units, logits=bins))
+        self.slowval = MLPHead(feat, units, layers, _head(0.0, units, logits=bins))
+        # A fresh official agent's slow critic is a copy of the critic.
+        self.slowval.load_state_dict(self.val.state_dict())
+        self.register_buffer("bins", symexp_twohot_bins(bins), persistent=False)
 
     # -- RSSM pieces -------------------------------------------------------------------------
+    @property
+    def _dtype(self) -> torch.dtype:
+        """Compute dtype: float32, or float16 in the half copy an fp16 export traces."""
+        return self.dyn.dynin0.kernel.dtype
+
+    def action_embedding(self, action: Tensor) -> Tensor:
+        """The action as the core reads it (official ``DictConcat``): float ``[batch, width]``.
+
+        Continuous actions pass as they are; a discrete int index becomes its one-hot (a float
+        ``[batch, action_dim]`` one-hot or probability vector is taken as given).
+        """
+        if self.discrete and not action.is_floating_point():
+            classes = torch.arange(self.action_dim, device=action.device)
+            return (action.long().unsqueeze(-1) == classes).to(self._dtype)
+        return action.to(self._dtype)
+
     def _core(self, deter: Tensor, stoch: Tensor, action: Tensor) -> Tensor:
-        """One block-GRU step (official ``RSSM._core``)."""
-        g = self.blocks
+        """One block-GRU step (official ``RSSM._core``) on an embedded action."""
+        d, g = self.dyn, self.blocks
         # Squash actions outside [-1, 1] back onto the box, without gradient through the scale.
         action = action / torch.clamp(action.abs(), min=1.0).detach()
-        x = torch.cat([self.dynin0(deter), self.dynin1(stoch.flatten(1)), self.dynin2(action)], -1)
-        x = x.unsqueeze(1).expand(-1, g, -1)
+        x0 = _norm_act(d.dynin0norm, d.dynin0(deter))
+        x1 = _norm_act(d.dynin1norm, d.dynin1(stoch.flatten(1)))
+        x2 = _norm_act(d.dynin2norm, d.dynin2(action))
+        x = torch.cat([x0, x1, x2], -1).unsqueeze(1).expand(-1, g, -1)
         x = torch.cat([deter.reshape(-1, g, self.deter // g), x], -1).flatten(1)
-        x = self.dyngru(self.dynhid(x))
+        x = d.dyngru(d.stack("dynhid", d.dynlayers, x))
+        # The gates are split inside each block: per block [reset | cand | update].
         reset, cand, update = x.reshape(-1, g, 3, self.deter // g).unbind(2)
         reset = torch.sigmoid(reset.flatten(1))
         cand = torch.tanh(reset * cand.flatten(1))
         update = torch.sigmoid(update.flatten(1) - 1.0)
         return update * cand + (1.0 - update) * deter
 
-    def _logits(self, head: nn.Module, out: nn.Linear, x: Tensor) -> Tensor:
-        return out(head(x)).reshape(-1, self.stoch, self.classes)
+    def _logits(self, x: Tensor) -> Tensor:
+        return x.reshape(-1, self.stoch, self.classes)
+
+    def posterior_logits(self, deter: Tensor, tokens: Tensor) -> Tensor:
+        """Posterior logits ``[batch, stoch, classes]`` (before unimix) from deter and tokens."""
+        d = self.dyn
+        return self._logits(d.obslogit(d.stack("obs", d.obslayers, torch.cat([deter, tokens], -1))))
+
+    def prior_logits(self, deter: Tensor) -> Tensor:
+        """Prior logits ``[batch, stoch, classes]`` (before unimix) from the deterministic state."""
+        d = self.dyn
+        return self._logits(d.priorlogit(d.stack("prior", d.imglayers, deter)))
 
     def _probs(self, logits: Tensor) -> Tensor:
-        """Categorical probabilities with the 1% uniform mixture."""
+        """Categorical probabilities with the uniform mixture (official ``unimix``)."""
         probs = torch.softmax(logits, -1)
-        return (1.0 - self.unimix) * probs + self.unimix / self.classes
+        return (1.0 - self.unimix) * probs + self.unimix * (1.0 / self.classes)
+
+    def unimix_logits(self, logits: Tensor) -> Tensor:
+        """``log`` of the unimix probabilities: the logits of the official latent distribution."""
+        return torch.log(self._probs(logits))
 
     def _sample(self, logits: Tensor, noise: Tensor | None) -> Tensor:
         """One-hot sample with straight-through gradients; the mode when ``noise`` is None.
@@ -293,16 +489,6 @@ class DreamerV3WorldModel(WorldModel):
         # Adding an exact zero keeps the forward value exactly one-hot.
         return onehot + (probs - probs.detach())
 
-    def _posterior(
-        self, deter: Tensor, embed: Tensor, noise: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        logits = self._logits(self.obs_net, self.obs_logit, torch.cat([deter, embed], -1))
-        return self._sample(logits, noise), logits
-
-    def prior_logits(self, deter: Tensor) -> Tensor:
-        """Prior logits ``[batch, stoch, classes]`` from the deterministic state."""
-        return self._logits(self.img_net, self.img_logit, deter)
-
     def initial_tensors(self, batch: int, device: torch.device | None = None) -> dict[str, Tensor]:
         """The zero carry (official ``RSSM.initial``) the first step starts from."""
         device = device or self.bins.device
@@ -312,10 +498,8 @@ class DreamerV3WorldModel(WorldModel):
             "stoch": torch.zeros(batch, self.stoch, self.classes, device=device, dtype=dtype),
         }
 
-    @property
-    def _dtype(self) -> torch.dtype:
-        """Compute dtype: float32, or float16 in the half copy an fp16 export traces."""
-        return self.dynin0.linear.weight.dtype
+    def _zero_action(self, batch: int, device: torch.device) -> Tensor:
+        return torch.zeros(batch, self.action_dim, device=device, dtype=self._dtype)
 
     def _obs_tensors(self, obs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         missing = [k for k in self.obs_keys if k not in obs]
@@ -326,6 +510,32 @@ class DreamerV3WorldModel(WorldModel):
                 family=self.family,
             )
         return {k: obs[k] for k in self.obs_keys}
+
+    def observe_step(
+        self,
+        deter: Tensor,
+        stoch: Tensor,
+        prev_action: Tensor,
+        tokens: Tensor,
+        reset: Tensor | None = None,
+        noise: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One posterior step (official ``RSSM._observe``): ``(deter, stoch, post_logits)``.
+
+        ``reset`` (bool ``[batch]``, the official ``is_first``) zeroes the carry and the
+        embedded previous action of its rows (a discrete action's one-hot becomes the zero
+        vector). ``noise`` is uniform ``[batch, stoch, classes]`` for the Gumbel-max sample;
+        None gives the mode.
+        """
+        actemb = self.action_embedding(prev_action)
+        if reset is not None:
+            keep = (~reset.bool()).to(deter.dtype)
+            deter = deter * keep.unsqueeze(-1)
+            stoch = stoch * keep.view(-1, 1, 1)
+            actemb = actemb * keep.unsqueeze(-1)
+        deter = self._core(deter, stoch, actemb)
+        logits = self.posterior_logits(deter, tokens)
+        return deter, self._sample(logits, noise), logits
 
     # -- the protocol ------------------------------------------------------------------------
     def encode(self, obs: ObsLike, deterministic: bool = False) -> State:
@@ -338,7 +548,7 @@ class DreamerV3WorldModel(WorldModel):
         first = next(iter(tensors.values()))
         batch, device = first.shape[0], first.device
         zero = self.initial_tensors(batch, device)
-        action = torch.zeros(batch, self.action_dim, device=device, dtype=self._dtype)
+        action = self._zero_action(batch, device)
         return self._observe(zero, action, tensors, conditions, deterministic)
 
     def update(
@@ -374,14 +584,16 @@ class DreamerV3WorldModel(WorldModel):
         conditions: ConditionPayload | None,
         deterministic: bool,
     ) -> State:
-        deter = self._core(carry["deter"], carry["stoch"], action.to(self._dtype))
-        embed = self.encoder(obs)
+        tokens = self.encoder(obs)
+        batch = tokens.shape[0]
         noise = (
             None
             if deterministic
-            else self.noise("posterior", conditions, deter.shape[0], device=deter.device)
+            else self.noise("posterior", conditions, batch, device=tokens.device)
         )
-        stoch, _ = self._posterior(deter, embed, noise)
+        deter, stoch, _ = self.observe_step(
+            carry["deter"], carry["stoch"], action, tokens, None, noise
+        )
         return State({"deter": deter, "stoch": stoch})
 
     def transition(
@@ -395,7 +607,7 @@ class DreamerV3WorldModel(WorldModel):
         act = self.action_tensor(action)
         if act is None:
             raise ContractError("transition() needs an action", family=self.family)
-        deter = self._core(state["deter"], state["stoch"], act.to(self._dtype))
+        deter = self._core(state["deter"], state["stoch"], self.action_embedding(act))
         noise = (
             None
             if deterministic
@@ -405,16 +617,166 @@ class DreamerV3WorldModel(WorldModel):
         return State({"deter": deter, "stoch": stoch})
 
     def features(self, deter: Tensor, stoch: Tensor) -> Tensor:
-        """Head input: flattened stoch then deter (official order)."""
-        return torch.cat([stoch.flatten(1), deter], -1)
+        """Head input (official ``feat2tensor``): ``concat([deter, stoch.flatten()])``."""
+        return torch.cat([deter, stoch.flatten(1)], -1)
 
-    def _reward(self, feat: Tensor) -> tuple[Tensor, Tensor]:
-        logits = self.rew_out(self.rew_net(feat))
-        # Symmetric sum (official trick): uniform probabilities give exactly zero.
-        return symexp(two_hot_mean(torch.softmax(logits, -1), self.bins)), logits
+    # -- heads -------------------------------------------------------------------------------
+    def _twohot_pred(self, logits: Tensor) -> Tensor:
+        """Official ``TwoHot.pred``: ``sum(softmax(logits) * bins)`` summed symmetrically.
+
+        Bins are raw-space, so this is already the raw value (uniform logits give exactly 0).
+        """
+        return two_hot_mean(torch.softmax(logits, -1), self.bins)
+
+    def _twohot_loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Official ``TwoHot.loss``: cross-entropy against `twohot_raw` of the raw target."""
+        weights = twohot_raw(target.to(logits.dtype), self.bins)
+        return -(weights * torch.log_softmax(logits, -1)).sum(-1)
+
+    def reward_logits(self, feat: Tensor) -> Tensor:
+        """Reward head logits ``[batch, bins]`` from `features`."""
+        return self.rew.head["logits"](self.rew.mlp(feat))  # type: ignore[no-any-return]
+
+    def continue_logit(self, feat: Tensor) -> Tensor:
+        """Continue head logit ``[batch]`` from `features`."""
+        return self.con.head["logit"](self.con.mlp(feat)).squeeze(-1)  # type: ignore[no-any-return]
+
+    def value_logits(self, feat: Tensor, slow: bool = False) -> Tensor:
+        """Critic logits ``[batch, bins]`` (``slowval`` when ``slow``) from `features`."""
+        head = self.slowval if slow else self.val
+        return head.head["logits"](head.mlp(feat))  # type: ignore[no-any-return]
+
+    def value(self, state: State, slow: bool = False) -> Tensor:
+        """Critic prediction ``[batch]`` in raw return space (``slowval`` when ``slow``)."""
+        return self._twohot_pred(
+            self.value_logits(self.features(state["deter"], state["stoch"]), slow)
+        )
+
+    def policy(self, feat: Tensor) -> dict[str, Tensor]:
+        """Actor distribution parameters from `features`.
+
+        Continuous (official ``bounded_normal``): ``{"mean": tanh(.), "std": (maxstd - minstd)
+        * sigmoid(. + 2) + minstd}``, each ``[batch, action_dim]``. Discrete (official
+        ``categorical``, no unimix): ``{"logits": [batch, action_dim]}``.
+        """
+        out = self.pol.head["action"]
+        x = self.pol.mlp(feat)
+        if self.discrete:
+            return {"logits": out["logits"](x)}
+        lo, hi = float(self.config["minstd"]), float(self.config["maxstd"])
+        std = (hi - lo) * torch.sigmoid(out["stddev"](x) + 2.0) + lo
+        return {"mean": torch.tanh(out["mean"](x)), "std": std}
+
+    def policy_logp(self, dist: Mapping[str, Tensor], action: Tensor) -> Tensor:
+        """Log-probability ``[batch]`` of ``action`` under `policy` output ``dist`` (official).
+
+        Continuous: a plain Normal density summed over the dims (no tanh Jacobian, no
+        clipping); discrete: ``log_softmax(logits)[action]`` for an int index.
+        """
+        if self.discrete:
+            logp = torch.log_softmax(dist["logits"], -1)
+            return logp.gather(-1, action.long().unsqueeze(-1)).squeeze(-1)
+        mean, std = dist["mean"], dist["std"]
+        z = (action.to(mean.dtype) - mean) / std
+        return (-0.5 * z.square() - torch.log(std) - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def policy_entropy(self, dist: Mapping[str, Tensor]) -> Tensor:
+        """Entropy ``[batch]`` of `policy` output ``dist`` (summed over action dims)."""
+        if self.discrete:
+            logp = torch.log_softmax(dist["logits"], -1)
+            return -(logp.exp() * logp).sum(-1)
+        std = dist["std"]
+        return (0.5 * torch.log(2 * math.pi * std.square()) + 0.5).sum(-1)
+
+    def sample_action(
+        self, dist: Mapping[str, Tensor], noise: Tensor | None, deterministic: bool = False
+    ) -> Tensor:
+        """An action from `policy` output ``dist`` and explicit ``noise``.
+
+        Continuous: ``mean + std * noise`` with standard-normal ``noise [batch, action_dim]``
+        (not clipped: the official env wrapper clips to the action box); ``deterministic``
+        gives ``mean``. Discrete: Gumbel-max ``argmax(logits - log(-log u))`` with uniform
+        ``noise [batch, action_dim]``, an int32 index ``[batch]``; ``deterministic`` gives the
+        argmax. ``noise`` None (and not ``deterministic``) draws it from torch's generator.
+        """
+        if self.discrete:
+            logits = dist["logits"]
+            if not deterministic:
+                if noise is None:
+                    noise = torch.rand_like(logits)
+                u = noise.to(logits.dtype).clamp(1e-12, 1.0 - 1e-7)
+                logits = logits - torch.log(-torch.log(u))
+            return logits.argmax(-1).to(torch.int32)
+        mean = dist["mean"]
+        if deterministic:
+            return mean
+        if noise is None:
+            noise = torch.randn_like(mean)
+        return mean + dist["std"] * noise.to(mean.dtype)
+
+    def act(
+        self,
+        state: State | None,
+        obs: Mapping[str, Tensor],
+        prev_action: Tensor | None,
+        noise: Tensor | None = None,
+        *,
+        is_first: Tensor | None = None,
+        posterior_noise: Tensor | None = None,
+        deterministic: bool = False,
+    ) -> tuple[State, Tensor]:
+        """One agent step (official ``Agent.policy``): posterior update, then an actor sample.
+
+        This is what a deployer calls once per environment step: pass the state and action this
+        method returned on the previous step (``None`` for both on the first step), the new
+        observation and the per-step noise; step the environment with the returned action and
+        keep the returned state for the next call.
+
+        Args:
+            state: Previous posterior state, or None at the start (zero carry).
+            obs: Observations ``{"vector": [batch, obs_dim], "image": uint8 [batch, 64, 64, 3]}``.
+            prev_action: The action returned by the previous call (None: zeros).
+            noise: Action noise: continuous, standard normal ``[batch, action_dim]``
+                (``action = mean + std * noise``); discrete, uniform in (0, 1)
+                ``[batch, action_dim]`` (Gumbel-max). None draws it from torch's generator.
+            is_first: bool ``[batch]``: rows starting a new episode, whose carry and previous
+                action are zeroed (official ``obs["is_first"]``); None: only when ``state`` is
+                None.
+            posterior_noise: uniform ``[batch, stoch, classes]`` for the latent sample (None:
+                drawn from torch's generator).
+            deterministic: Use the posterior mode and the action mode instead of samples.
+
+        Returns:
+            ``(state, action)``: the posterior state and the action, float32
+            ``[batch, action_dim]`` unclipped (clip to [-1, 1] for the environment, feed it back
+            unclipped, as the official agent does) or an int32 index ``[batch]``.
+        """
+        tensors = self._obs_tensors(obs)
+        tokens = self.encoder(tensors)
+        batch, device = tokens.shape[0], tokens.device
+        carry = self.initial_tensors(batch, device) if state is None else state.tensors
+        if prev_action is None:
+            prev_action = self._zero_action(batch, device)
+        if state is None and is_first is None:
+            is_first = torch.ones(batch, dtype=torch.bool, device=device)
+        if deterministic:
+            posterior_noise = None
+        elif posterior_noise is None:
+            posterior_noise = torch.rand(batch, self.stoch, self.classes, device=device)
+        deter, stoch, _ = self.observe_step(
+            carry["deter"], carry["stoch"], prev_action, tokens, is_first, posterior_noise
+        )
+        dist = self.policy(self.features(deter, stoch))
+        action = self.sample_action(dist, noise, deterministic)
+        return State({"deter": deter, "stoch": stoch}), action
 
     def decode(self, state: State, conditions: ConditionPayload | None = None) -> ModelOutput:
-        """Reconstructions (``"vector"``, ``"image"``), ``"reward"`` and ``"continue"``."""
+        """Reconstructions (``"vector"`` raw, ``"image"`` in [0, 1]), ``"reward"`` and
+        ``"continue"``.
+
+        ``"reward"`` is the raw-space two-hot expectation; ``"continue"`` the head's probability,
+        which official training targets at ``(1 - is_terminal) * (1 - 1/horizon)``.
+        """
         deter, stoch = state["deter"], state["stoch"]
         raw = self.decoder(deter, stoch)
         predictions = {}
@@ -423,40 +785,67 @@ class DreamerV3WorldModel(WorldModel):
         if "image" in raw:
             predictions["image"] = raw["image"]
         feat = self.features(deter, stoch)
-        predictions["reward"], _ = self._reward(feat)
-        predictions["continue"] = torch.sigmoid(self.con_out(self.con_net(feat)).squeeze(-1))
+        predictions["reward"] = self._twohot_pred(self.reward_logits(feat))
+        predictions["continue"] = torch.sigmoid(self.continue_logit(feat))
         return ModelOutput(predictions)
 
     # -- training ----------------------------------------------------------------------------
-    def _twohot(self, target: Tensor) -> Tensor:
-        """Two-hot encoding of ``symlog(target)`` over the bins."""
-        return two_hot(symlog(target), self.bins)
-
     def _kl(self, post_logits: Tensor, prior_logits: Tensor) -> Tensor:
-        """KL(post || prior) of the unimix categoricals, summed over the latents."""
-        p = self._probs(post_logits)
-        q = self._probs(prior_logits)
-        return (p * (torch.log(p) - torch.log(q))).sum((-2, -1))
+        """KL(post || prior) of the unimix categoricals, summed over the latents (official)."""
+        lp = torch.log_softmax(self.unimix_logits(post_logits), -1)
+        lq = torch.log_softmax(self.unimix_logits(prior_logits), -1)
+        return (lp.exp() * (lp - lq)).sum((-2, -1))
+
+    def _entropy(self, logits: Tensor) -> Tensor:
+        """Entropy of the unimix categoricals, summed over the latents (official)."""
+        lp = torch.log_softmax(self.unimix_logits(logits), -1)
+        return -(lp.exp() * lp).sum((-2, -1))
+
+    def _official_layout(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``prevact``, ``reset``, ``reward``, ``con`` (continue target) of either layout."""
+        action = batch["action"]
+        b, t = (int(d) for d in action.shape[:2])
+        device = action.device
+        if "is_terminal" in batch:
+            return {
+                "prevact": action,
+                "reset": batch["is_first"].bool(),
+                "reward": batch["reward"].float(),
+                "con": self.continue_target(batch["is_terminal"]),
+            }
+        # Project layout: action[t] follows obs t and produced reward[t] and continue[t].
+        prevact = torch.cat([torch.zeros_like(action[:, :1]), action[:, :-1]], 1)
+        reset = torch.zeros(b, t, dtype=torch.bool, device=device)
+        reset[:, 0] = True
+        return {
+            "prevact": prevact,
+            "reset": reset,
+            "reward": batch["reward"][:, :-1].float(),
+            "con": batch["continue"][:, :-1].float() * self._con_discount,
+        }
 
     def observe_sequence(
         self, batch: Mapping[str, Tensor], deterministic: bool = False
     ) -> dict[str, Tensor]:
         """Filter a ``[batch, time]`` sequence: deter, stoch and posterior logits per step.
 
-        Step 0 starts from the zero carry with a zero action; step ``t`` takes ``action[t-1]``.
+        The carry starts at zero. In the project layout step ``t`` takes ``action[t-1]``
+        (step 0 a zero action); in the official layout (``"is_first"`` and ``"is_terminal"`` in
+        ``batch``) ``action[t]`` is the action before obs ``t`` and rows with ``is_first``
+        restart from the zero carry and a zero action, as the official ``RSSM.observe``.
         """
+        layout = self._official_layout(batch)
         obs = {k: batch[k] for k in self.obs_keys}
         b, t = (int(d) for d in batch["action"].shape[:2])
-        embed = self.encoder({k: v.flatten(0, 1) for k, v in obs.items()}).reshape(b, t, -1)
-        carry = self.initial_tensors(b, embed.device)
-        actions = batch["action"].float()
+        tokens = self.encoder({k: v.flatten(0, 1) for k, v in obs.items()}).reshape(b, t, -1)
+        carry = self.initial_tensors(b, tokens.device)
+        deter, stoch = carry["deter"], carry["stoch"]
         deters, stochs, logits = [], [], []
         for i in range(t):
-            action = actions[:, i - 1] if i > 0 else torch.zeros_like(actions[:, 0])
-            deter = self._core(carry["deter"], carry["stoch"], action)
-            noise = None if deterministic else torch.rand_like(carry["stoch"])
-            stoch, logit = self._posterior(deter, embed[:, i], noise)
-            carry = {"deter": deter, "stoch": stoch}
+            noise = None if deterministic else torch.rand_like(stoch)
+            deter, stoch, logit = self.observe_step(
+                deter, stoch, layout["prevact"][:, i], tokens[:, i], layout["reset"][:, i], noise
+            )
             deters.append(deter)
             stochs.append(stoch)
             logits.append(logit)
@@ -466,17 +855,34 @@ class DreamerV3WorldModel(WorldModel):
             "post_logits": torch.stack(logits, 1),
         }
 
-    def loss(self, batch: Mapping[str, Tensor]) -> LossOutput:
-        """The DreamerV3 world-model loss of a ``[batch, time, ...]`` batch.
+    @property
+    def _con_discount(self) -> float:
+        return 1.0 - 1.0 / float(self.config["horizon"]) if self.config["contdisc"] else 1.0
 
-        ``batch`` holds the observations, ``"action"`` (``action[t]`` is taken after observing
-        step ``t``) and the targets ``"reward"`` / ``"continue"`` that ``action[t]`` produced.
+    def continue_target(self, is_terminal: Tensor) -> Tensor:
+        """Official continue target: ``(1 - is_terminal)``, times ``1 - 1/horizon`` if contdisc."""
+        return (~is_terminal.bool()).float() * self._con_discount
+
+    def loss(self, batch: Mapping[str, Tensor]) -> LossOutput:
+        """The DreamerV3 world-model loss of a ``[batch, time, ...]`` batch (official terms).
+
+        Two layouts. Project layout (the contract's targets): observations, ``"action"``
+        (``action[t]`` is taken after observing step ``t``) and ``"reward"`` / ``"continue"``
+        that ``action[t]`` produced; the reward and continue of the step a sequence starts at
+        are not in such a batch, so those two losses cover steps ``1..T-1``. Official layout
+        (``"is_first"`` and ``"is_terminal"`` present, bool ``[batch, time]``): ``"action"[t]``
+        led to obs ``t``, ``"reward"[t]`` came with it; every loss covers every step and
+        ``is_first`` rows reset the posterior.
+
         Components: reconstruction per observation (symlog MSE for vectors, MSE for images,
-        summed over features), ``"reward"`` (two-hot cross-entropy), ``"continue"`` (binary
-        cross-entropy), ``"dyn"`` and ``"rep"`` (KL with free nats), each averaged over batch
-        and time; ``loss`` weights them with the ``*_scale`` config fields.
+        summed over features), ``"reward"`` (raw-space two-hot cross-entropy), ``"continue"``
+        (binary cross-entropy against `continue_target`), ``"dyn"`` and ``"rep"`` (KL with
+        free nats), each averaged over batch and time; ``loss`` weights them with the
+        ``*_scale`` config fields. The actor and critic losses (imagination with sampled
+        actions, lambda returns, return normalisation) are not part of it.
         """
         c = self.config
+        layout = self._official_layout(batch)
         seq = self.observe_sequence(batch)
         b, t = seq["deter"].shape[:2]
         deter, stoch = seq["deter"].flatten(0, 1), seq["stoch"].flatten(0, 1)
@@ -497,14 +903,17 @@ class DreamerV3WorldModel(WorldModel):
             components["image"] = (raw["image"] - target).square().sum((-3, -2, -1)).mean()
         rec = sum(components.values(), torch.zeros((), device=deter.device))
 
-        # Step t > 0 was reached by action[t-1]: it predicts reward[t-1] and continue[t-1].
-        feat = self.features(seq["deter"][:, 1:].flatten(0, 1), seq["stoch"][:, 1:].flatten(0, 1))
-        _, rew_logits = self._reward(feat)
-        rew_target = self._twohot(batch["reward"][:, :-1].float().flatten())
-        rew = -(rew_target * torch.log_softmax(rew_logits, -1)).sum(-1).mean()
-        con_logit = self.con_out(self.con_net(feat)).squeeze(-1)
-        con_target = batch["continue"][:, :-1].float().flatten()
-        con = F.binary_cross_entropy_with_logits(con_logit, con_target)
+        # Heads read features of the steps that have targets (all, or 1..T-1, see above).
+        first = t - layout["reward"].shape[1]
+        feat = self.features(
+            seq["deter"][:, first:].flatten(0, 1), seq["stoch"][:, first:].flatten(0, 1)
+        )
+        rew = self._twohot_loss(self.reward_logits(feat), layout["reward"].flatten()).mean()
+        con_target = layout["con"].flatten()
+        con_logit = self.continue_logit(feat)
+        con = -(
+            con_target * F.logsigmoid(con_logit) + (1 - con_target) * F.logsigmoid(-con_logit)
+        ).mean()
 
         loss = (
             float(c["rec_scale"]) * rec
@@ -517,12 +926,8 @@ class DreamerV3WorldModel(WorldModel):
         with torch.no_grad():
             metrics = {
                 "dyn_kl": float(self._kl(post, prior).mean()),
-                "post_entropy": float(_entropy(self._probs(post)).mean()),
-                "prior_entropy": float(_entropy(self._probs(prior)).mean()),
+                "post_entropy": float(self._entropy(post).mean()),
+                "prior_entropy": float(self._entropy(prior).mean()),
                 "steps": float(b * t),
             }
         return LossOutput(loss, components, metrics)
-
-
-def _entropy(probs: Tensor) -> Tensor:
-    return -(probs * torch.log(probs)).sum((-2, -1))

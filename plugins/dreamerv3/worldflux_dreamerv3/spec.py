@@ -1,8 +1,9 @@
 """DreamerV3 family declaration: config fields, presets, contract and parameter count (torch-free).
 
 Sizes follow the official ``configs.yaml`` of danijar/dreamerv3 (``size1m`` ... ``size400m``:
-RSSM deter / hidden / classes, CNN depth, MLP units). The size names count the whole agent
-(actor and critic included); `param_count` counts the world model alone.
+RSSM deter / hidden / classes, CNN depth, MLP units). The size names count the whole agent, and
+so does `param_count`: world model, actor (``pol``), critic (``val``) and its slow copy
+(``slowval``), the modules every official checkpoint holds.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ __all__ = [
     "CAPABILITIES",
     "DEFAULTS",
     "FAMILY",
+    "ACTION_KINDS",
     "IMAGE_SHAPE",
     "PRESETS",
     "contract",
@@ -32,7 +34,9 @@ DEFAULTS: Final[Mapping[str, Any]] = {
     # observation / action interface
     "obs_dim": 4,  # vector observation size; 0 means no "vector" observation
     "image": False,  # True adds the "image" observation (uint8 [64, 64, 3])
-    "action_dim": 2,
+    "action_dim": 2,  # continuous: action width; discrete: number of actions
+    "action_kind": "continuous",  # "continuous" (float32 [batch, action_dim] in [-1, 1])
+    # or "discrete" (int32 index [batch] below action_dim, one-hot encoded inside)
     # RSSM
     "deter": 2048,
     "hidden": 256,
@@ -50,7 +54,11 @@ DEFAULTS: Final[Mapping[str, Any]] = {
     "kernel": 5,
     "enc_layers": 3,
     "dec_layers": 3,
-    "head_layers": 1,
+    "head_layers": 1,  # reward and continue heads
+    "actor_layers": 3,  # policy head (official policy.layers)
+    "critic_layers": 3,  # value head and its slow copy (official value.layers)
+    "minstd": 0.1,  # bounded-normal policy std range (official policy.minstd / maxstd)
+    "maxstd": 1.0,
     "bspace": 8,
     "bins": 255,
     # loss
@@ -60,7 +68,13 @@ DEFAULTS: Final[Mapping[str, Any]] = {
     "rec_scale": 1.0,
     "rew_scale": 1.0,
     "con_scale": 1.0,
+    # continue target (1 - is_terminal) * (1 - 1/horizon) when contdisc (official defaults)
+    "horizon": 333,
+    "contdisc": True,
 }
+
+#: The values ``action_kind`` takes.
+ACTION_KINDS: Final = ("continuous", "discrete")
 
 
 def _size(deter: int, hidden: int, classes: int, depth: int, units: int) -> dict[str, Any]:
@@ -100,6 +114,9 @@ CAPABILITIES: Final = frozenset(
         Capability.VECTOR_OBS,
         Capability.IMAGE_OBS,
         Capability.CONTINUOUS_ACTIONS,
+        Capability.DISCRETE_ACTIONS,
+        Capability.POLICY,
+        Capability.VALUE,
     }
 )
 
@@ -113,6 +130,12 @@ def check_config(config: Mapping[str, Any]) -> None:
         problems.append("no observation: set obs_dim > 0 and/or image=True")
     if int(config["action_dim"]) < 1:
         problems.append(f"action_dim must be >= 1, got {config['action_dim']}")
+    if config["action_kind"] not in ACTION_KINDS:
+        problems.append(
+            f"action_kind must be one of {', '.join(ACTION_KINDS)}, got {config['action_kind']!r}"
+        )
+    if int(config["horizon"]) < 1:
+        problems.append(f"horizon must be >= 1, got {config['horizon']}")
     if int(config["deter"]) % int(config["blocks"]):
         problems.append(f"deter {config['deter']} is not divisible by blocks {config['blocks']}")
     if config["image"]:
@@ -134,7 +157,9 @@ def contract(config: Mapping[str, Any]) -> IOContract:
     """The DreamerV3 I/O contract of ``config``.
 
     Observations: ``"vector"`` float32 ``[batch, obs_dim]`` when ``obs_dim > 0`` and ``"image"``
-    uint8 ``[batch, 64, 64, 3]`` when ``image``. State: ``"deter"`` (GRU state) and ``"stoch"``
+    uint8 ``[batch, 64, 64, 3]`` when ``image`` (both together are fine). Action: float32
+    ``[batch, action_dim]`` in ``[-1, 1]``, or with ``action_kind="discrete"`` an int32 index
+    ``[batch]`` below ``action_dim``. State: ``"deter"`` (GRU state) and ``"stoch"``
     (one-hot categorical sample ``[batch, stoch, classes]``). Noise: uniform ``"prior"`` for
     ``transition`` and ``"posterior"`` for ``encode``/``update`` (Gumbel-max sampling).
     """
@@ -174,9 +199,7 @@ def contract(config: Mapping[str, Any]) -> IOContract:
     latent = ("batch", stoch, classes)
     return IOContract(
         observations=tuple(observations),
-        action=TensorSpec(
-            "action", "float32", ("batch", int(config["action_dim"])), low=-1.0, high=1.0
-        ),
+        action=_action_spec(config),
         state=(
             TensorSpec("deter", "float32", ("batch", int(config["deter"]))),
             TensorSpec(
@@ -206,6 +229,22 @@ def contract(config: Mapping[str, Any]) -> IOContract:
             ),
         ),
     )
+
+
+def _action_spec(config: Mapping[str, Any]) -> TensorSpec:
+    n = int(config["action_dim"])
+    if config["action_kind"] == "discrete":
+        return TensorSpec(
+            "action",
+            "int32",
+            ("batch",),
+            kind="discrete",
+            classes=n,
+            low=0,
+            high=n - 1,
+            description="action index (one-hot encoded inside the model)",
+        )
+    return TensorSpec("action", "float32", ("batch", n), low=-1.0, high=1.0)
 
 
 def _linear(i: int, o: int) -> int:
@@ -238,9 +277,9 @@ def embed_dim(config: Mapping[str, Any]) -> int:
 
 
 def param_count(config: Mapping[str, Any]) -> int:
-    """Number of world-model parameters of ``config`` (closed form, no torch).
+    """Number of parameters of ``config`` (closed form, no torch).
 
-    Counts encoder, RSSM, decoder, reward and continue heads; no actor or critic.
+    Counts encoder, RSSM, decoder, reward and continue heads, actor, critic and slow critic.
     """
     check_config(config)
     c = {k: config[k] for k in DEFAULTS}
@@ -276,7 +315,7 @@ def param_count(config: Mapping[str, Any]) -> int:
     if c["image"]:
         last = depths[-1]
         space = 4 * 4 * last
-        total += _block_linear(deter, space, int(c["bspace"])) + last
+        total += _block_linear(deter, space, int(c["bspace"]))
         total += _mlp(stoch_flat, 2 * units, 1) + _linear(2 * units, space) + last
         channels = last
         for d in reversed(depths[:-1]):
@@ -286,4 +325,10 @@ def param_count(config: Mapping[str, Any]) -> int:
     # heads
     total += _mlp(feat, units, int(c["head_layers"])) + _linear(units, int(c["bins"]))
     total += _mlp(feat, units, int(c["head_layers"])) + _linear(units, 1)
+    # actor: bounded normal (mean and stddev) or categorical logits
+    act = int(c["action_dim"])
+    total += _mlp(feat, units, int(c["actor_layers"]))
+    total += _linear(units, act) * (2 if c["action_kind"] == "continuous" else 1)
+    # critic and its slow copy
+    total += 2 * (_mlp(feat, units, int(c["critic_layers"])) + _linear(units, int(c["bins"])))
     return total

@@ -6,9 +6,16 @@ here are for single-task models at the preset's own ``obs_dim`` / ``action_dim``
 multi-task models with task embeddings, so its numbers differ slightly).
 
 Multi-task models (``tasks > 0``, as the official ``multitask`` config) learn a ``task_dim``
-embedding per task and condition the encoder, dynamics, reward, policy and Q heads on it; the task
-id is the side condition ``task`` (``wf.cond.task``, int64 ``[batch]``). The official per-task
-action masks are not modelled: every task uses all ``action_dim`` actions.
+embedding per task and condition the encoder, dynamics, reward, policy, termination and Q heads on
+it; the task id is the side condition ``task`` (``wf.cond.task``, int64 ``[batch]``). Task ``i``
+uses the first ``action_dims[i]`` of the ``action_dim`` actions (the official ``_action_masks``);
+``action_dims=None`` gives every task all of them.
+
+Episodic models (``episodic=True``) add the official termination head; their contract predicts
+``continue`` and their loss reads the ``continue`` target.
+
+Derived values follow the official parser and agent (`task_dim`, `discounts`,
+`planner_iterations`); a field left ``None`` means "derive it as the official code does".
 """
 
 from __future__ import annotations
@@ -24,8 +31,14 @@ __all__ = [
     "DEFAULTS",
     "FAMILY",
     "PRESETS",
+    "action_dims",
+    "check_config",
     "contract",
+    "discount_for",
+    "discounts",
     "param_count",
+    "planner_iterations",
+    "task_dim",
 ]
 
 FAMILY: Final = "tdmpc2"
@@ -53,15 +66,37 @@ DEFAULTS: Final[dict[str, Any]] = {
     "consistency_coef": 20.0,
     "reward_coef": 0.1,
     "value_coef": 0.1,
-    "discount": 0.99,
+    "termination_coef": 1.0,
     "tau": 0.01,
     "policy_coef": 0.0,
     "entropy_coef": 1e-4,
+    # Discount: None follows the official episode-length rule (`discount_for`); a float wins.
+    "discount": None,
+    "episode_length": 500,
+    "episode_lengths": None,  # multi-task: one per task (None: episode_length for every task)
+    "discount_denom": 5,
+    "discount_min": 0.95,
+    "discount_max": 0.995,
     # Optimisation (read by TDMPC2WorldModel.param_groups).
     "enc_lr_scale": 0.3,
-    # Multi-task: number of tasks (0: single-task) and task embedding size (official 96).
+    # Multi-task: number of tasks (0: single-task), task embedding size (None: the official
+    # parser's rule, see `task_dim`) and per-task action sizes (None: action_dim for all).
     "tasks": 0,
-    "task_dim": 96,
+    "task_dim": None,
+    "action_dims": None,
+    # Official model_size of the preset (only read by the task_dim rule); None for custom sizes.
+    "model_size": None,
+    # Episodic tasks: a termination head (official cfg.episodic).
+    "episodic": False,
+    # MPPI planner (official config.yaml); plan_step reads these.
+    "horizon": 3,
+    "iterations": 6,
+    "num_samples": 512,
+    "num_elites": 64,
+    "num_pi_trajs": 24,
+    "temperature": 0.5,
+    "min_std": 0.05,
+    "max_std": 2.0,
 }
 
 _CI: Final[dict[str, Any]] = {
@@ -78,16 +113,42 @@ _CI: Final[dict[str, Any]] = {
 PRESETS: Final[dict[str, dict[str, Any]]] = {
     "ci": dict(_CI),
     "ci-mt": {**_CI, "tasks": 3, "task_dim": 8},
-    "size1m": {"enc_dim": 256, "mlp_dim": 384, "latent_dim": 128, "num_enc_layers": 2, "num_q": 2},
-    "size5m": {"enc_dim": 256, "mlp_dim": 512, "latent_dim": 512, "num_enc_layers": 2},
-    "size19m": {"enc_dim": 1024, "mlp_dim": 1024, "latent_dim": 768, "num_enc_layers": 3},
-    "size48m": {"enc_dim": 1792, "mlp_dim": 1792, "latent_dim": 768, "num_enc_layers": 4},
+    "size1m": {
+        "enc_dim": 256,
+        "mlp_dim": 384,
+        "latent_dim": 128,
+        "num_enc_layers": 2,
+        "num_q": 2,
+        "model_size": 1,
+    },
+    "size5m": {
+        "enc_dim": 256,
+        "mlp_dim": 512,
+        "latent_dim": 512,
+        "num_enc_layers": 2,
+        "model_size": 5,
+    },
+    "size19m": {
+        "enc_dim": 1024,
+        "mlp_dim": 1024,
+        "latent_dim": 768,
+        "num_enc_layers": 3,
+        "model_size": 19,
+    },
+    "size48m": {
+        "enc_dim": 1792,
+        "mlp_dim": 1792,
+        "latent_dim": 768,
+        "num_enc_layers": 4,
+        "model_size": 48,
+    },
     "size317m": {
         "enc_dim": 4096,
         "mlp_dim": 4096,
         "latent_dim": 1376,
         "num_enc_layers": 5,
         "num_q": 8,
+        "model_size": 317,
     },
 }
 
@@ -116,8 +177,75 @@ _POSITIVE_INTS: Final = (
     "num_enc_layers",
     "num_q",
     "simnorm_dim",
-    "task_dim",
+    "episode_length",
+    "horizon",
+    "iterations",
+    "num_samples",
+    "num_elites",
 )
+
+
+def task_dim(config: Mapping[str, Any]) -> int:
+    """Size of the task embedding: 0 for single-task models.
+
+    ``task_dim=None`` follows the official parser: 96 for mt80 (``tasks == 80``) and for model
+    sizes 1 and 317, else 64.
+    """
+    if not config["tasks"]:
+        return 0
+    if config["task_dim"] is not None:
+        return int(config["task_dim"])
+    return 96 if config["tasks"] == 80 or config.get("model_size") in (1, 317) else 64
+
+
+def action_dims(config: Mapping[str, Any]) -> list[int]:
+    """Actions each task uses (the first ``action_dims[i]``); one entry for single-task."""
+    if config["action_dims"] is not None:
+        return [int(d) for d in config["action_dims"]]
+    return [config["action_dim"]] * max(config["tasks"], 1)
+
+
+def discount_for(config: Mapping[str, Any], episode_length: int) -> float:
+    """The official discount heuristic for an episode length (``TDMPC2._get_discount``)."""
+    frac = episode_length / config["discount_denom"]
+    return float(min(max((frac - 1) / frac, config["discount_min"]), config["discount_max"]))
+
+
+def discounts(config: Mapping[str, Any]) -> list[float]:
+    """Discount of every task (one entry for single-task), as the official agent derives it.
+
+    An explicit ``discount`` wins; otherwise each task's episode length (``episode_lengths``,
+    else ``episode_length``) goes through `discount_for`.
+    """
+    if config["discount"] is not None:
+        return [float(config["discount"])] * max(config["tasks"], 1)
+    lengths = config["episode_lengths"]
+    if lengths is None:
+        lengths = [config["episode_length"]] * max(config["tasks"], 1)
+    return [discount_for(config, int(n)) for n in lengths]
+
+
+def planner_iterations(config: Mapping[str, Any]) -> int:
+    """MPPI iterations actually run: the official agent adds 2 when ``action_dim >= 20``."""
+    return int(config["iterations"]) + 2 * int(config["action_dim"] >= 20)
+
+
+def _int_list(config: Mapping[str, Any], key: str, length: int, lo: int, hi: int | None) -> None:
+    value = config[key]
+    if value is None:
+        return
+    ok = isinstance(value, (list, tuple)) and len(value) == length
+    ok = ok and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
+        for v in value
+    )
+    if not ok:
+        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ConfigError(
+            f"tdmpc2 {key} must be None or a list of {length} ints {bound} (one per task), "
+            f"got {value!r}",
+            family=FAMILY,
+        )
 
 
 def check_config(config: Mapping[str, Any]) -> None:
@@ -154,6 +282,34 @@ def check_config(config: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"tdmpc2 needs vmin < vmax, got {config['vmin']} and {config['vmax']}", family=FAMILY
         )
+    td = config["task_dim"]
+    if td is not None and (isinstance(td, bool) or not isinstance(td, int) or td < 1):
+        raise ConfigError(f"tdmpc2 task_dim must be None or an int >= 1, got {td!r}", family=FAMILY)
+    _int_list(config, "action_dims", tasks, 1, config["action_dim"])
+    _int_list(config, "episode_lengths", tasks, 1, None)
+    if config["action_dims"] is not None and not tasks:
+        raise ConfigError(
+            "tdmpc2 action_dims is for multi-task models (tasks > 0)", family=FAMILY
+        )
+    if config["episode_lengths"] is not None and not tasks:
+        raise ConfigError(
+            "tdmpc2 episode_lengths is for multi-task models (tasks > 0)",
+            hint="single-task models take episode_length",
+            family=FAMILY,
+        )
+    if not isinstance(config["episodic"], bool):
+        raise ConfigError(
+            f"tdmpc2 episodic must be a bool, got {config['episodic']!r}", family=FAMILY
+        )
+    pi_trajs = config["num_pi_trajs"]
+    if isinstance(pi_trajs, bool) or not isinstance(pi_trajs, int) or pi_trajs < 0:
+        raise ConfigError(f"tdmpc2 num_pi_trajs must be an int >= 0, got {pi_trajs!r}", family=FAMILY)
+    if not pi_trajs < config["num_samples"] or not config["num_elites"] <= config["num_samples"]:
+        raise ConfigError(
+            f"tdmpc2 needs num_pi_trajs < num_samples and num_elites <= num_samples, got "
+            f"{pi_trajs}, {config['num_samples']}, {config['num_elites']}",
+            family=FAMILY,
+        )
 
 
 def contract(config: Mapping[str, Any]) -> IOContract:
@@ -161,12 +317,28 @@ def contract(config: Mapping[str, Any]) -> IOContract:
 
     State: ``latent`` (the SimNorm latent) and ``reward`` (the reward the model predicts for the
     transition that produced this latent; 0 after ``encode``). Predictions: ``reward``,
-    ``value`` (mean of the Q ensemble at the policy prior's mean action) and ``policy_mean``.
+    ``value`` (mean of the Q ensemble at the policy prior's mean action) and ``policy_mean``;
+    episodic models also predict ``continue`` (1 - the termination head's probability) and take
+    it as a training target (0.0 where the step into ``o_{t+1}`` terminated).
     """
     check_config(config)
     obs_dim, action_dim, latent_dim = config["obs_dim"], config["action_dim"], config["latent_dim"]
     reward = TensorSpec(
         "reward", "float32", ("batch",), description="reward of the step into this state"
+    )
+    episodic = (
+        (
+            TensorSpec(
+                "continue",
+                "float32",
+                ("batch",),
+                low=0.0,
+                high=1.0,
+                description="1 - termination probability of this state (episodic models)",
+            ),
+        )
+        if config["episodic"]
+        else ()
     )
     return IOContract(
         observations=(TensorSpec("vector", "float32", ("batch", obs_dim)),),
@@ -195,8 +367,9 @@ def contract(config: Mapping[str, Any]) -> IOContract:
                 high=1.0,
                 description="tanh of the policy prior's mean",
             ),
+            *episodic,
         ),
-        targets=(TensorSpec("reward", "float32", ("batch",)),),
+        targets=(TensorSpec("reward", "float32", ("batch",)), *episodic),
         conditions=(
             TensorSpec(
                 "task",
@@ -232,11 +405,13 @@ def param_count(config: Mapping[str, Any]) -> int:
     obs, act, lat = config["obs_dim"], config["action_dim"], config["latent_dim"]
     enc, mlp, bins = config["enc_dim"], config["mlp_dim"], config["num_bins"]
     # Multi-task models feed the task embedding into every head.
-    emb = config["task_dim"] if config["tasks"] else 0
+    emb = task_dim(config)
     encoder = _mlp([obs + emb] + [enc] * max(config["num_enc_layers"] - 1, 1) + [lat], True)
     dynamics = _mlp([lat + act + emb, mlp, mlp, lat], True)
     reward = _mlp([lat + act + emb, mlp, mlp, bins], False)
     policy = _mlp([lat + emb, mlp, mlp, 2 * act], False)
     q = _mlp([lat + act + emb, mlp, mlp, bins], False)
+    termination = _mlp([lat + emb, mlp, mlp, 1], False) if config["episodic"] else 0
     embedding = config["tasks"] * emb
-    return int(encoder + dynamics + reward + policy + config["num_q"] * q + embedding)
+    total = encoder + dynamics + reward + policy + termination + config["num_q"] * q + embedding
+    return int(total)
