@@ -23,6 +23,7 @@ EXPECTED = {
     "FamilySpec",
     "IOContract",
     "ImportedCheckpoint",
+    "ImporterSpec",
     "LossOutput",
     "ModelOutput",
     "NoiseSpec",

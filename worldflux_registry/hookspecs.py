@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pluggy
 
-from .contract._family import ExporterSpec, FamilySpec
+from .contract._family import ExporterSpec, FamilySpec, ImporterSpec
 
 __all__ = ["PROJECT", "hookimpl", "hookspec"]
 
@@ -22,3 +22,8 @@ def worldflux_registry_families() -> list[FamilySpec]:  # type: ignore[empty-bod
 @hookspec
 def worldflux_registry_exporters() -> list[ExporterSpec]:  # type: ignore[empty-body]
     """Return the export formats this plugin provides."""
+
+
+@hookspec
+def worldflux_registry_importers() -> list[ImporterSpec]:  # type: ignore[empty-body]
+    """Return the importers of foreign checkpoints this plugin provides."""

@@ -126,14 +126,19 @@ def _family_record(
 
 
 def save_pretrained(
-    model: _Saveable, path: str | Path, *, registry: FamilyLookup | None = None
+    model: _Saveable,
+    path: str | Path,
+    *,
+    registry: FamilyLookup | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` to the directory ``path`` atomically; return the path.
 
     The directory gets ``config.json`` (format, family, versions, config, contract,
     fingerprint, weights sha256) and ``model.safetensors`` (fingerprint and family also in
     its metadata). It is built in a temporary sibling directory and renamed into place; an
-    existing checkpoint at ``path`` is replaced only once the new one is complete.
+    existing checkpoint at ``path`` is replaced only once the new one is complete. An imported
+    checkpoint also records ``provenance`` (`ImportedCheckpoint.provenance`).
 
     Raises:
         CheckpointError: the model has no family, its config is not JSON, or ``path`` exists
@@ -190,6 +195,8 @@ def save_pretrained(
             "versions": versions,
             "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(weights), "aliases": aliases},
         }
+        if provenance is not None:
+            document["provenance"] = json.loads(json.dumps(dict(provenance), allow_nan=False))
         with (tmp / CONFIG_FILE).open("w", encoding="utf-8") as f:
             json.dump(document, f, indent=2, sort_keys=True)
             f.write("\n")

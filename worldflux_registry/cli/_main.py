@@ -30,6 +30,7 @@ _CLI_EXTENSIONS: Final = (
     "worldflux_registry.cli._export",
     "worldflux_registry.cli._parity",
     "worldflux_registry.cli._bench",
+    "worldflux_registry.cli._import",
 )
 
 
@@ -304,7 +305,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
             r.version or "-",
             r.entry_point,
             f"[{style}]{r.status}[/{style}]" if style else r.status,
-            ", ".join([*r.families, *r.exporters]) or "-",
+            ", ".join([*r.families, *r.exporters, *r.importers]) or "-",
             r.error or "",
         )
     console = _console()

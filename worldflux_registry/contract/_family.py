@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import ConfigError, ContractError, PluginError, did_you_mean
 from ._io import Capability, IOContract
 
-__all__ = ["ExporterSpec", "FamilySpec"]
+__all__ = ["ExporterSpec", "FamilySpec", "ImporterSpec"]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_.-]*$")
 _TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -199,4 +199,45 @@ class ExporterSpec:
             _check_target(f"exporter {self.name!r} loader", self.loader)
             if not self.artifact_format:
                 raise PluginError(f"exporter {self.name!r} has a loader but no artifact_format")
+        return self
+
+
+@dataclass(frozen=True)
+class ImporterSpec:
+    """An importer of foreign checkpoints (an official code base's files) into a family.
+
+    Torch-free data, returned by a plugin's ``worldflux_registry_importers`` hook. The importer
+    function is imported only when someone imports a checkpoint of ``source_format``.
+
+    Attributes:
+        family: The family the imported checkpoint belongs to (its name, not an alias).
+        source_format: Name of the foreign format (``"tdmpc2-official-pt"``); unique per family.
+        summary: One line for listings: what the source is and which official code wrote it.
+        importer: ``"package.module:function"`` called as
+            ``function(source: Path, config: Mapping[str, str]) -> ImportedCheckpoint``.
+            ``config`` holds the ``--config KEY=VALUE`` pairs as strings, for what the source
+            does not record; the importer raises `CheckpointError` naming a field it needs.
+        distribution: Providing distribution (filled in by discovery).
+        distribution_version: Its version (filled in by discovery).
+    """
+
+    family: str
+    source_format: str
+    summary: str
+    importer: str
+    distribution: str | None = field(default=None, compare=False)
+    distribution_version: str | None = field(default=None, compare=False)
+
+    @property
+    def name(self) -> str:
+        """``"family:source_format"``, the importer's name in listings and conflicts."""
+        return f"{self.family}:{self.source_format}"
+
+    def validate(self) -> ImporterSpec:
+        """Raise `PluginError` naming the bad field; return self when valid."""
+        _check_name("importer family", self.family)
+        _check_name("importer source_format", self.source_format)
+        _check_target(f"importer {self.name!r} importer", self.importer)
+        if not isinstance(self.summary, str):
+            raise PluginError(f"importer {self.name!r} summary must be a string")
         return self

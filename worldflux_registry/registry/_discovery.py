@@ -16,7 +16,7 @@ from typing import Any, Final
 import pluggy
 
 from .. import hookspecs
-from ..contract._family import ExporterSpec, FamilySpec
+from ..contract._family import ExporterSpec, FamilySpec, ImporterSpec
 from ..errors import PluginConflictError, PluginError
 
 __all__ = [
@@ -55,6 +55,7 @@ class PluginRecord:
         error: Why the plugin is not ``"ok"``.
         families: Family names it provides (or tried to provide).
         exporters: Exporter names it provides (or tried to provide).
+        importers: Importer names (``family:source_format``) it provides (or tried to).
     """
 
     distribution: str | None
@@ -64,6 +65,7 @@ class PluginRecord:
     error: str | None = None
     families: tuple[str, ...] = ()
     exporters: tuple[str, ...] = ()
+    importers: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON form (``worldflux-registry plugins --json``)."""
@@ -75,6 +77,7 @@ class PluginRecord:
             "error": self.error,
             "families": list(self.families),
             "exporters": list(self.exporters),
+            "importers": list(self.importers),
         }
 
 
@@ -88,7 +91,9 @@ class Discovery:
     aliases: dict[str, str] = field(default_factory=dict)
     # exporter name -> spec, for names claimed exactly once
     exporters: dict[str, ExporterSpec] = field(default_factory=dict)
-    # family/alias/exporter name claimed more than once -> the PluginConflictError to raise
+    # importer name (family:source_format) -> spec, for names claimed exactly once
+    importers: dict[str, ImporterSpec] = field(default_factory=dict)
+    # family/alias/exporter/importer name claimed more than once -> the PluginConflictError to raise
     conflicts: dict[str, PluginConflictError] = field(default_factory=dict)
     # name a broken plugin provides (or its entry point name) -> the PluginError to raise
     broken: dict[str, PluginError] = field(default_factory=dict)
@@ -107,10 +112,12 @@ class _Candidate:
     load: Any  # () -> plugin object
     families: list[FamilySpec] = field(default_factory=list)
     exporters: list[ExporterSpec] = field(default_factory=list)
+    importers: list[ImporterSpec] = field(default_factory=list)
     status: str = "ok"
     error: str | None = None
     claimed_families: tuple[str, ...] = ()
     claimed_exporters: tuple[str, ...] = ()
+    claimed_importers: tuple[str, ...] = ()
 
 
 def normalize(name: str) -> str:
@@ -200,9 +207,11 @@ def _collect(
 ) -> None:
     families = _call_hook(pm, "worldflux_registry_families", plugin, others)
     exporters = _call_hook(pm, "worldflux_registry_exporters", plugin, others)
+    importers = _call_hook(pm, "worldflux_registry_importers", plugin, others)
     # Record what it claims before validating, so a lookup of an invalid family names the plugin.
     cand.claimed_families = _names(families)
     cand.claimed_exporters = _names(exporters)
+    cand.claimed_importers = _names(importers)
     for spec in families:
         if not isinstance(spec, FamilySpec):
             raise PluginError(f"families hook returned {type(spec).__name__}, not FamilySpec")
@@ -213,6 +222,11 @@ def _collect(
             raise PluginError(f"exporters hook returned {type(spec).__name__}, not ExporterSpec")
         spec.validate()
         cand.exporters.append(spec)
+    for spec in importers:
+        if not isinstance(spec, ImporterSpec):
+            raise PluginError(f"importers hook returned {type(spec).__name__}, not ImporterSpec")
+        spec.validate()
+        cand.importers.append(spec)
 
 
 def _names(specs: list[Any]) -> tuple[str, ...]:
@@ -253,6 +267,7 @@ def discover(
             cand.status, cand.error = "broken", _describe(exc)
             cand.families.clear()
             cand.exporters.clear()
+            cand.importers.clear()
     result = _index(candidates)
     result.plugin_manager = pm
     if strict:
@@ -295,6 +310,7 @@ def _index(candidates: Sequence[_Candidate]) -> Discovery:
     result = Discovery()
     claims: dict[str, list[tuple[str, _Candidate, Any]]] = {}
     exporter_claims: dict[str, list[tuple[_Candidate, ExporterSpec]]] = {}
+    importer_claims: dict[str, list[tuple[_Candidate, ImporterSpec]]] = {}
     for cand in candidates:
         if cand.status == "broken":
             broken = PluginError(
@@ -304,7 +320,8 @@ def _index(candidates: Sequence[_Candidate]) -> Discovery:
                 f"{ENV_BLOCK}={cand.distribution or '<distribution>'}",
                 distribution=cand.distribution,
             )
-            for name in {cand.name, *cand.claimed_families, *cand.claimed_exporters}:
+            claimed = (*cand.claimed_families, *cand.claimed_exporters, *cand.claimed_importers)
+            for name in {cand.name, *claimed}:
                 result.broken.setdefault(name, broken)
             continue
         for spec in cand.families:
@@ -315,6 +332,9 @@ def _index(candidates: Sequence[_Candidate]) -> Discovery:
         for exporter in cand.exporters:
             exporter = _with_distribution(exporter, cand)
             exporter_claims.setdefault(exporter.name, []).append((cand, exporter))
+        for importer in cand.importers:
+            importer = _with_distribution(importer, cand)
+            importer_claims.setdefault(importer.name, []).append((cand, importer))
 
     conflicted: dict[int, list[str]] = {}
     for name, owners in claims.items():
@@ -334,6 +354,13 @@ def _index(candidates: Sequence[_Candidate]) -> Discovery:
             continue
         result.conflicts[name] = _conflict(name, [(c, "exporter") for c, _ in exporter_owners])
         for cand, _ in exporter_owners:
+            conflicted.setdefault(id(cand), []).append(name)
+    for name, importer_owners in importer_claims.items():
+        if len(importer_owners) == 1:
+            result.importers[name] = importer_owners[0][1]
+            continue
+        result.conflicts[name] = _conflict(name, [(c, "importer") for c, _ in importer_owners])
+        for cand, _ in importer_owners:
             conflicted.setdefault(id(cand), []).append(name)
     # An alias whose family lost a conflict points nowhere: it resolves to the conflict instead.
     for alias, family in list(result.aliases.items()):
@@ -356,6 +383,7 @@ def _index(candidates: Sequence[_Candidate]) -> Discovery:
                 error=error,
                 families=cand.claimed_families,
                 exporters=cand.claimed_exporters,
+                importers=cand.claimed_importers,
             )
         )
     return result

@@ -17,7 +17,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from ..contract._family import ExporterSpec, FamilySpec
+from ..contract._family import ExporterSpec, FamilySpec, ImporterSpec
+from ..contract._importing import ImportedCheckpoint
 from ..contract._io import Capability, IOContract
 from ..errors import (
     AmbiguousReferenceError,
@@ -221,6 +222,86 @@ class Registry:
             + (", ".join(sorted(index.exporters)) or "none")
             + " (the ONNX exporter: pip install 'worldflux-registry[onnx]')",
         )
+
+    def importers(self, family: str | None = None) -> builtins.list[ImporterSpec]:
+        """Every usable importer of foreign checkpoints (of ``family`` when given), by name."""
+        index = self._index()
+        wanted = None if family is None else self.get(family).name
+        return [
+            index.importers[n]
+            for n in sorted(index.importers, key=_natural_key)
+            if wanted is None or index.importers[n].family == wanted
+        ]
+
+    def get_importer(self, family: str, source_format: str | None = None) -> ImporterSpec:
+        """The importer of ``source_format`` into ``family`` (the only one when None).
+
+        Raises:
+            ResolutionError: the family has no importer, or none of that format.
+            AmbiguousReferenceError: the family has several and ``source_format`` is None.
+            PluginConflictError, PluginError: as for `get`.
+        """
+        name = self.get(family).name
+        index = self._index()
+        if source_format is not None:
+            key = f"{name}:{source_format}"
+            if key in index.conflicts:
+                raise index.conflicts[key]
+            if key in index.broken:
+                raise index.broken[key]
+        candidates = self.importers(name)
+        if source_format is not None:
+            found = [c for c in candidates if c.source_format == source_format]
+        else:
+            found = candidates
+        formats = [c.source_format for c in candidates]
+        if not found:
+            what = f"no importer of {source_format!r} into" if source_format else "no importer for"
+            raise ResolutionError(
+                f"{what} family {name!r}.{did_you_mean(source_format or '', formats)}",
+                hint=(
+                    "formats it imports: " + ", ".join(formats)
+                    if formats
+                    else "install a plugin that ships one; "
+                    "`worldflux-registry plugins` lists what each plugin provides"
+                ),
+                family=name,
+            )
+        if len(found) > 1:
+            raise AmbiguousReferenceError(
+                f"family {name!r} imports several formats: {', '.join(formats)}",
+                hint="name one with --format (Python: source_format=...)",
+                family=name,
+            )
+        return found[0]
+
+    def import_checkpoint(
+        self,
+        family: str,
+        source: str | os.PathLike[str],
+        out: str | os.PathLike[str],
+        *,
+        config: Mapping[str, str] | None = None,
+        source_format: str | None = None,
+    ) -> ImportedCheckpoint:
+        """Read a foreign checkpoint with the family's importer; save it as a checkpoint in ``out``.
+
+        ``config`` gives, as strings, what the source does not record (the importer's error
+        names each missing field). The saved ``config.json`` carries the import's provenance
+        (source format and sha256, official commit, every tensor mapped or dropped, and why);
+        ``registry.load(out)`` then loads it like any checkpoint.
+
+        Raises:
+            CheckpointError: the source cannot be read, holds an unknown tensor, or a field is
+                missing; or the importer returned something other than an `ImportedCheckpoint`
+                of ``family``.
+            ResolutionError: no such family, or it has no importer of that format.
+        """
+        from ._import import run_importer
+
+        spec = self.get(family)
+        importer = self.get_importer(spec.name, source_format)
+        return run_importer(spec, importer, source, out, dict(config or {}), registry=self)
 
     @property
     def plugin_manager(self) -> Any:

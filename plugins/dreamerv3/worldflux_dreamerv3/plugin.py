@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from worldflux_registry import FamilySpec, hookimpl
+from worldflux_registry import FamilySpec, ImporterSpec, hookimpl
 
 from . import spec
 
-__all__ = ["worldflux_registry_families"]
+__all__ = ["worldflux_registry_families", "worldflux_registry_importers"]
 
 
 @hookimpl
@@ -26,5 +26,19 @@ def worldflux_registry_families() -> list[FamilySpec]:
             maturity="beta",
             version="0.1.0",
             param_count=spec.param_count,
+        )
+    ]
+
+
+@hookimpl
+def worldflux_registry_importers() -> list[ImporterSpec]:
+    """Return the importer of official DreamerV3 checkpoints."""
+    return [
+        ImporterSpec(
+            family=spec.FAMILY,
+            source_format="dreamerv3-elements",
+            summary="elements checkpoint folder written by the official DreamerV3 code "
+            "(danijar/dreamerv3 @ e3f0224)",
+            importer="worldflux_dreamerv3.importer:import_checkpoint",
         )
     ]

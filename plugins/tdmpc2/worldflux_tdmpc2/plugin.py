@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from worldflux_registry import FamilySpec, hookimpl
+from worldflux_registry import FamilySpec, ImporterSpec, hookimpl
 
 from . import spec
 
-__all__ = ["worldflux_registry_families"]
+__all__ = ["worldflux_registry_families", "worldflux_registry_importers"]
 
 
 @hookimpl
@@ -26,5 +26,18 @@ def worldflux_registry_families() -> list[FamilySpec]:
             maturity="beta",
             version="0.1.0",
             param_count=spec.param_count,
+        )
+    ]
+
+
+@hookimpl
+def worldflux_registry_importers() -> list[ImporterSpec]:
+    """Return the importer of official TD-MPC2 checkpoints."""
+    return [
+        ImporterSpec(
+            family=spec.FAMILY,
+            source_format="tdmpc2-official-pt",
+            summary="checkpoint.pt written by the official TD-MPC2 code (nicklashansen/tdmpc2 @ e9f5932)",
+            importer="worldflux_tdmpc2.importer:import_checkpoint",
         )
     ]
