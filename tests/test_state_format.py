@@ -13,7 +13,8 @@ import torch
 
 from worldflux_registry import State, StateFormatError
 
-COMPAT_DIR = Path(__file__).resolve().parents[2] / "shared" / "compat" / "worldflux-state-v1"
+#: Written by the WorldFlux reference implementation; provenance in its README.md.
+COMPAT_DIR = Path(__file__).resolve().parent / "data" / "compat" / "worldflux-state-v1"
 HEADER = struct.Struct(">4sBI")
 
 ALL_DTYPES = [
@@ -31,14 +32,13 @@ ALL_DTYPES = [
 
 
 def _compat_index() -> dict:
-    if not (COMPAT_DIR / "index.json").is_file():
-        pytest.skip(f"compatibility vectors not found at {COMPAT_DIR}")
     return json.loads((COMPAT_DIR / "index.json").read_text())
 
 
 def _compat_names() -> list[str]:
-    index = COMPAT_DIR / "index.json"
-    return sorted(json.loads(index.read_text())) if index.is_file() else ["missing"]
+    names = sorted(_compat_index())
+    assert len(names) == 5, f"the compatibility vectors in {COMPAT_DIR} are incomplete"
+    return names
 
 
 def split(payload: bytes) -> tuple[dict, bytes]:

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from worldflux_registry import State, StateFormatError
 
 HEADER = struct.Struct(">4sBI")
-COMPAT_DIR = Path(__file__).resolve().parents[2] / "shared" / "compat" / "worldflux-state-v1"
+#: Written by the WorldFlux reference implementation; provenance in its README.md.
+COMPAT_DIR = Path(__file__).resolve().parent / "data" / "compat" / "worldflux-state-v1"
 
 DTYPES = [
     torch.bool,
