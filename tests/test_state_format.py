@@ -36,9 +36,10 @@ def _compat_index() -> dict:
 
 
 def _compat_names() -> list[str]:
-    names = sorted(_compat_index())
-    assert len(names) == 5, f"the compatibility vectors in {COMPAT_DIR} are incomplete"
-    return names
+    index = _compat_index()
+    missing = [n for n in index if not (COMPAT_DIR / index[n]["file"]).is_file()]
+    assert index and not missing, f"compatibility vectors missing in {COMPAT_DIR}: {missing}"
+    return sorted(index)
 
 
 def split(payload: bytes) -> tuple[dict, bytes]:
