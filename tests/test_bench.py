@@ -208,3 +208,18 @@ def test_fused_backend_on_an_export_without_the_fused_graph_is_skipped(exported)
     run = _bench.run(export_dir, reference=model, backends=["ort-cpu-fused"], device="cpu", **SMALL)
     (result,) = run.results
     assert result.status == "skipped" and "fused rollout graph" in result.reason
+
+
+def test_torch_compile_backend_is_checked_against_eager_and_reports_compile_time():
+    torch.manual_seed(4)
+    run = _bench.run("tdmpc2:ci", backends=["torch", "torch-compile"], device="cpu", **SMALL)
+    (eager,) = _by_backend(run, "torch")
+    (compiled,) = _by_backend(run, "torch-compile")
+    assert compiled.status == "ok", compiled.reason
+    assert compiled.parity["passed"]
+    assert compiled.parity["max_abs_error"] <= compiled.parity["tolerance"]["atol"]
+    assert compiled.settings["compile_s"]["transition"] > 0
+    assert compiled.settings["compile_s"]["rollout"] > 0
+    assert compiled.step.median > 0 and compiled.rollout.median > 0
+    assert eager.settings["mode"].startswith("eager")
+    assert compiled.settings["mode"].startswith("torch.compile")

@@ -32,6 +32,7 @@ __all__ = ["BACKENDS"]
 #: fused ``rollout`` graph (one session call per horizon); the others step by step.
 BACKENDS = (
     "torch",
+    "torch-compile",
     "torch-cudagraph",
     "ort-cpu",
     "ort-cpu-fused",
@@ -150,6 +151,8 @@ def _prepare_backend(
     try:
         if backend == "torch":
             timer = _bench_torch(ctx, result, ctx.device)
+        elif backend == "torch-compile":
+            timer = _bench_torch_compile(ctx, result, ctx.device)
         elif backend == "torch-cudagraph":
             if not torch.cuda.is_available():
                 _skip(result, "CUDA is not available here (torch.cuda.is_available() False)")
@@ -254,6 +257,84 @@ def _bench_torch(ctx: _Context, result: BackendResult, device: str) -> _Timer:
         "tf32": tf32_state(),
     }
     return _time_model(ctx, result, ctx.torch_model(device), device, result.batch)
+
+
+#: ``torch.compile`` mode of the ``torch-compile`` backend: on this project's CPU benchmark
+#: machine "max-autotune-no-cudagraphs" was no faster than the default and compiled far longer.
+COMPILE_MODE = "default"
+#: Compiled and eager torch run the same math in another order (fused kernels): a tolerance
+#: for float32 reassociation, not for a different computation.
+_COMPILE_TOL = 1e-4
+
+
+def _bench_torch_compile(ctx: _Context, result: BackendResult, device: str) -> _Timer | None:
+    """``torch.compile`` (inductor) of ``transition`` and ``rollout``, checked against eager.
+
+    The first call of each compiled function compiles it; that time is reported in
+    ``settings.compile_s``, apart from the timings. Shapes are static (``dynamic=False``), as a
+    deployment at one batch size would compile them.
+    """
+    import torch
+
+    from ..protocol._inputs import conditions_payload
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise _Skip("CUDA is not available here")
+    result.device = device
+    model = ctx.torch_model(device)
+    memory = _Memory("cuda" if device.startswith("cuda") else "cpu", "compilation and warm-up")
+    memory.start()
+    inputs = _make_inputs(ctx.model, result.batch, ctx.horizon, ctx.seed).to(device)
+    state = _initial_state(model, inputs)
+    step_cond = conditions_payload(inputs.step_noise, inputs.conds)
+    roll_cond = conditions_payload(inputs.rollout_noise, inputs.conds)
+    action, actions = inputs.action, _actions(inputs)
+    step_fn = torch.compile(model.transition, mode=COMPILE_MODE, dynamic=False)
+    roll_fn = torch.compile(model.rollout, mode=COMPILE_MODE, dynamic=False)
+    sync = _sync_for(device)
+    t0 = time.perf_counter()
+    got_step = step_fn(state, action, step_cond)
+    sync()
+    t1 = time.perf_counter()
+    got = roll_fn(state, actions, roll_cond)
+    sync()
+    compile_s = {"transition": t1 - t0, "rollout": time.perf_counter() - t1}
+    want = model.rollout(state, actions, roll_cond)
+    want_step = model.transition(state, action, step_cond)
+    pairs = [(f"pred.{k}", got.predictions[k], v) for k, v in want.predictions.items()]
+    pairs += [(f"state.{k}", got_step.tensors[k], v) for k, v in want_step.tensors.items()]
+    worst, failing = 0.0, []
+    for name, a, b in pairs:
+        if not b.numel():
+            continue
+        err = (a.float() - b.float()).abs()
+        worst = max(worst, float(err.max()))
+        if not bool((err <= _COMPILE_TOL + _COMPILE_TOL * b.float().abs()).all()):
+            failing.append(name)
+    result.parity = {
+        "passed": not failing,
+        "check": "compiled transition and rollout against eager torch on the same inputs",
+        "max_abs_error": worst,
+        "tolerance": {"atol": _COMPILE_TOL, "rtol": _COMPILE_TOL},
+    }
+    result.settings = {
+        "mode": f"torch.compile(mode={COMPILE_MODE!r}, dynamic=False), torch.inference_mode()",
+        "threads": torch.get_num_threads(),
+        "compile_s": compile_s,
+        "tf32": tf32_state(),
+    }
+    if failing:
+        result.status = "refused"
+        result.reason = f"compiled outputs {failing} differ from eager by up to {worst:.3g}"
+        return None
+    return _warm_timer(
+        ctx,
+        result,
+        lambda: step_fn(state, action, step_cond),
+        lambda: roll_fn(state, actions, roll_cond),
+        sync,
+        memory,
+    )
 
 
 def _bench_torch_cudagraph(ctx: _Context, result: BackendResult) -> _Timer | None:
