@@ -301,7 +301,8 @@ def _bench_torch_compile(ctx: _Context, result: BackendResult, device: str) -> _
     compile_s = {"transition": t1 - t0, "rollout": time.perf_counter() - t1}
     want = model.rollout(state, actions, roll_cond)
     want_step = model.transition(state, action, step_cond)
-    pairs = [(f"pred.{k}", got.predictions[k], v) for k, v in want.predictions.items()]
+    got_preds, want_preds = got.predictions or {}, want.predictions or {}
+    pairs = [(f"pred.{k}", got_preds[k], v) for k, v in want_preds.items()]
     pairs += [(f"state.{k}", got_step.tensors[k], v) for k, v in want_step.tensors.items()]
     worst, failing = 0.0, []
     for name, a, b in pairs:

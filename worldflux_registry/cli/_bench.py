@@ -42,8 +42,8 @@ def register(subparsers: Any) -> None:
         "--backends",
         type=_names,
         default=["torch", "ort-cpu"],
-        help="comma-separated: torch, torch-compile, torch-cudagraph, ort-cpu, ort-cuda, ort-cuda-graph, and "
-        "ort-*-fused variants that roll out through the fused rollout graph (a ref is then "
+        help="comma-separated: torch, torch-compile, torch-cudagraph, ort-cpu, ort-cuda, "
+        "ort-cuda-graph, and ort-*-fused variants that roll out through the fused rollout graph (a ref is then "
         "exported with one of --horizon steps) (default: torch,ort-cpu)",
     )
     p.add_argument("--batch", type=_ints, default=[1], help="comma-separated batch sizes")
