@@ -43,8 +43,8 @@ def register(subparsers: Any) -> None:
         type=_names,
         default=["torch", "ort-cpu"],
         help="comma-separated: torch, torch-compile, torch-cudagraph, ort-cpu, ort-cuda, "
-        "ort-cuda-graph, and ort-*-fused variants that roll out through the fused rollout graph (a ref is then "
-        "exported with one of --horizon steps) (default: torch,ort-cpu)",
+        "ort-cuda-graph, and ort-*-fused variants that roll out through the fused rollout "
+        "graph (a ref is then exported with one of --horizon steps) (default: torch,ort-cpu)",
     )
     p.add_argument("--batch", type=_ints, default=[1], help="comma-separated batch sizes")
     p.add_argument("--horizon", type=int, default=16, help="rollout length (default 16)")
