@@ -75,14 +75,24 @@ def _load(path: Path) -> Any:
             f"official tdmpc2 checkpoint {str(path)!r} is not a file",
             hint="pass the checkpoint.pt written by the official TDMPC2.save",
         )
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):
+        raise CheckpointError(
+            f"{str(path)!r} is not a torch checkpoint (not a zip or pickle file; starts with "
+            f"{head!r})",
+            hint="pass the checkpoint.pt written by the official TDMPC2.save",
+        )
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "weights_only" in text or "Weights only" in text:
+            found = re.search(r"(?:GLOBAL|global) ([\w.]+)", text)
+            what = f"the global {found.group(1)}" if found else "objects other than tensors"
             raise CheckpointError(
-                f"{str(path)!r} was refused by torch.load(weights_only=True): it holds objects "
-                f"other than tensors and plain containers ({text.splitlines()[0][:200]})",
+                f"{str(path)!r} was refused by torch.load(weights_only=True): it needs "
+                f"{what}, which a plain state dict never does",
                 hint="only the official torch.save({'model': state_dict}) files are imported; "
                 "re-save the state dict alone if you trust the file",
             ) from exc

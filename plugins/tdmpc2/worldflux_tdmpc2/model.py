@@ -712,7 +712,10 @@ class TDMPC2WorldModel(WorldModel):
         return self.discount_table[task.long()]
 
     def loss_terms(
-        self, batch: Mapping[str, Tensor], noise: Mapping[str, Tensor] | None = None
+        self,
+        batch: Mapping[str, Tensor],
+        noise: Mapping[str, Tensor] | None = None,
+        policy: bool = True,
     ) -> dict[str, Tensor]:
         """Every quantity of the official ``TDMPC2._update`` loss, time-major.
 
@@ -795,7 +798,6 @@ class TDMPC2WorldModel(WorldModel):
             + cfg["value_coef"] * value_loss
         )
         assert isinstance(total, Tensor)
-        policy = self.policy_loss(all_zs.detach(), task, noise)
         terms.update(
             next_z=next_z,
             td_targets=td_targets,
@@ -809,7 +811,9 @@ class TDMPC2WorldModel(WorldModel):
             termination=torch.as_tensor(termination_loss, device=total.device),
             total=total,
         )
-        terms.update({f"pi_{k}": v for k, v in policy.items()})
+        if policy:
+            pieces = self.policy_loss(all_zs.detach(), task, noise)
+            terms.update({f"pi_{k}": v for k, v in pieces.items()})
         return terms
 
     def policy_loss(
