@@ -626,12 +626,20 @@ class DreamerV3WorldModel(WorldModel):
 
         Bins are raw-space, so this is already the raw value (uniform logits give exactly 0).
         """
-        return two_hot_mean(torch.softmax(logits, -1), self.bins)
+        # In float32 as official (TwoHot casts its logits); a half copy's bins would overflow.
+        return two_hot_mean(torch.softmax(logits.float(), -1), self._bins32).to(logits.dtype)
 
     def _twohot_loss(self, logits: Tensor, target: Tensor) -> Tensor:
         """Official ``TwoHot.loss``: cross-entropy against `twohot_raw` of the raw target."""
-        weights = twohot_raw(target.to(logits.dtype), self.bins)
-        return -(weights * torch.log_softmax(logits, -1)).sum(-1)
+        weights = twohot_raw(target.float(), self._bins32)
+        return -(weights * torch.log_softmax(logits.float(), -1)).sum(-1)
+
+    @property
+    def _bins32(self) -> Tensor:
+        """`bins` in float32 (rebuilt for a half copy, where 4.85e8 does not fit)."""
+        if self.bins.dtype == torch.float32:
+            return self.bins
+        return symexp_twohot_bins(int(self.bins.shape[0])).to(self.bins.device)
 
     def reward_logits(self, feat: Tensor) -> Tensor:
         """Reward head logits ``[batch, bins]`` from `features`."""
@@ -687,6 +695,14 @@ class DreamerV3WorldModel(WorldModel):
             return -(logp.exp() * logp).sum(-1)
         std = dist["std"]
         return (0.5 * torch.log(2 * math.pi * std.square()) + 0.5).sum(-1)
+
+    def policy_entropy_bounds(self) -> tuple[Tensor, Tensor]:
+        """Per-dim entropies of ``Normal(0, minstd)`` and ``Normal(0, maxstd)`` ``[action_dim]``
+        (official ``minent`` / ``maxent`` of the bounded-normal policy; continuous only)."""
+        stds = torch.tensor([float(self.config["minstd"]), float(self.config["maxstd"])])
+        ent = 0.5 * torch.log(2 * math.pi * stds.square()) + 0.5
+        lo, hi = (e.expand(self.action_dim).to(self.bins.device) for e in ent)
+        return lo, hi
 
     def sample_action(
         self, dist: Mapping[str, Tensor], noise: Tensor | None, deterministic: bool = False
@@ -792,14 +808,14 @@ class DreamerV3WorldModel(WorldModel):
     # -- training ----------------------------------------------------------------------------
     def _kl(self, post_logits: Tensor, prior_logits: Tensor) -> Tensor:
         """KL(post || prior) of the unimix categoricals, summed over the latents (official)."""
-        lp = torch.log_softmax(self.unimix_logits(post_logits), -1)
-        lq = torch.log_softmax(self.unimix_logits(prior_logits), -1)
-        return (lp.exp() * (lp - lq)).sum((-2, -1))
+        post, prior = self.unimix_logits(post_logits), self.unimix_logits(prior_logits)
+        lp, lq = torch.log_softmax(post, -1), torch.log_softmax(prior, -1)
+        return (torch.softmax(post, -1) * (lp - lq)).sum(-1).sum(-1)
 
     def _entropy(self, logits: Tensor) -> Tensor:
         """Entropy of the unimix categoricals, summed over the latents (official)."""
-        lp = torch.log_softmax(self.unimix_logits(logits), -1)
-        return -(lp.exp() * lp).sum((-2, -1))
+        mixed = self.unimix_logits(logits)
+        return -(torch.softmax(mixed, -1) * torch.log_softmax(mixed, -1)).sum(-1).sum(-1)
 
     def _official_layout(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``prevact``, ``reset``, ``reward``, ``con`` (continue target) of either layout."""
