@@ -83,17 +83,22 @@ def close(got, ref, atol=ATOL, rel=False):
 @pytest.mark.parametrize("case", CASES)
 def test_import_accounts_for_every_source_tensor(case):
     imp = imported(case)
-    keys = {row["key"] for row in json.loads((DATA / case / "config.json").read_text())[
-        "checkpoint"
-    ]["state_dict"]}
+    keys = {
+        row["key"]
+        for row in json.loads((DATA / case / "config.json").read_text())["checkpoint"]["state_dict"]
+    }
     assert set(imp.mapped) | set(imp.dropped) == keys
     assert not set(imp.mapped) & set(imp.dropped)
     assert imp.source_format == SOURCE_FORMAT == "tdmpc2-official-pt"
     assert imp.official_commit == "e9f5932"
     sha = json.loads((DATA / case / "config.json").read_text())["checkpoint"]["sha256"]
     assert imp.source_sha256 == "sha256:" + sha
-    assert all(k.startswith("_detach_Qs_params") or "__" in k or k in (
-        "log_std_min", "log_std_dif", "_action_masks") for k in imp.dropped)
+    assert all(
+        k.startswith("_detach_Qs_params")
+        or "__" in k
+        or k in ("log_std_min", "log_std_dif", "_action_masks")
+        for k in imp.dropped
+    )
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -348,12 +353,13 @@ def test_a_detach_alias_that_differs_from_the_online_q_is_refused(tmp_path):
     ckpt = _state_dict()
     ckpt["model"]["_detach_Qs_params.0.bias"] = ckpt["model"]["_detach_Qs_params.0.bias"] + 1
     torch.save(ckpt, tmp_path / "c.pt")
-    with pytest.raises(CheckpointError, match="_detach_Qs_params.0.bias"):
+    with pytest.raises(CheckpointError, match=r"_detach_Qs_params\.0\.bias"):
         import_checkpoint(tmp_path / "c.pt", CONFIG["single-task"])
 
 
-@pytest.mark.parametrize(("case", "field"), [("single-task", "episode_length"),
-                                             ("multitask", "episode_lengths")])
+@pytest.mark.parametrize(
+    ("case", "field"), [("single-task", "episode_length"), ("multitask", "episode_lengths")]
+)
 def test_missing_config_field_is_named_with_the_config_hint(case, field):
     with pytest.raises(CheckpointError, match=field) as info:
         import_checkpoint(DATA / case / "checkpoint.pt", {})
@@ -367,11 +373,13 @@ def test_bad_config_values_are_config_errors():
     with pytest.raises(ConfigError, match="episode_lenght"):
         import_checkpoint(DATA / "single-task" / "checkpoint.pt", {"episode_lenght": "500"})
     with pytest.raises(ConfigError, match="rho"):
-        import_checkpoint(DATA / "single-task" / "checkpoint.pt", {**CONFIG["single-task"],
-                                                                    "rho": "half"})
+        import_checkpoint(
+            DATA / "single-task" / "checkpoint.pt", {**CONFIG["single-task"], "rho": "half"}
+        )
     with pytest.raises(CheckpointError, match="latent_dim"):
-        import_checkpoint(DATA / "single-task" / "checkpoint.pt", {**CONFIG["single-task"],
-                                                                    "latent_dim": "64"})
+        import_checkpoint(
+            DATA / "single-task" / "checkpoint.pt", {**CONFIG["single-task"], "latent_dim": "64"}
+        )
 
 
 def test_the_older_q_ensemble_layout_imports_to_the_same_model(tmp_path):
@@ -382,9 +390,12 @@ def test_the_older_q_ensemble_layout_imports_to_the_same_model(tmp_path):
     for key, value in sd.items():
         if key.startswith("_detach_Qs_params") or "__" in key:
             continue
-        for src, dst in (("_Qs.params.", "_Qs.params."), ("_target_Qs_params.", "_target_Qs.params.")):
+        for src, dst in (
+            ("_Qs.params.", "_Qs.params."),
+            ("_target_Qs_params.", "_target_Qs.params."),
+        ):
             if key.startswith(src):
-                layer, name = key[len(src):].split(".", 1)
+                layer, name = key[len(src) :].split(".", 1)
                 key = f"{dst}{int(layer) * 4 + names.index(name)}"
                 break
         old[key] = value
@@ -409,8 +420,11 @@ def test_imported_model_round_trips_through_save_pretrained(case, tmp_path):
         for m in (model, loaded):
             m.encode_vector(obs, task)  # the first lookup renormalises in place on both
         pairs = [
-            (m.encode_vector(obs, task), m.q_logits(ref["model/encode.z"], action, True, task),
-             m.pi_info(ref["model/encode.z"], task, eps=ref["model/pi.eps"])["action"])
+            (
+                m.encode_vector(obs, task),
+                m.q_logits(ref["model/encode.z"], action, True, task),
+                m.pi_info(ref["model/encode.z"], task, eps=ref["model/pi.eps"])["action"],
+            )
             for m in (model, loaded)
         ]
     for a, b in zip(*pairs, strict=True):

@@ -109,11 +109,17 @@ def test_planner_reproduces_three_consecutive_official_steps(case):
             it = f"{p}iter{i}/"
             assert torch.equal(result.elite_idxs[0, i], ref[it + "elite_idxs"]), (step, i)
             torch.testing.assert_close(result.mean_in[0, i], ref[it + "mean.in"], atol=1e-5, rtol=0)
-            torch.testing.assert_close(result.values[0, i], ref[it + "value"][:, 0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                result.values[0, i], ref[it + "value"][:, 0], atol=1e-5, rtol=0
+            )
         assert int(result.rand_idx[0]) == int(ref[p + "final/rand_idx"])
-        torch.testing.assert_close(result.chosen[0], ref[p + "final/chosen_sequence"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            result.chosen[0], ref[p + "final/chosen_sequence"], atol=1e-5, rtol=0
+        )
         torch.testing.assert_close(out["plan_action"][0], ref[p + "action"], atol=1e-5, rtol=0)
-        torch.testing.assert_close(out["plan_mean"][0], ref[p + "prev_mean.after"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            out["plan_mean"][0], ref[p + "prev_mean.after"], atol=1e-5, rtol=0
+        )
         torch.testing.assert_close(out["plan_std"][0, 0], ref[p + "final/std0"], atol=1e-5, rtol=0)
         assert torch.equal(out["plan_action"], result.action)
 

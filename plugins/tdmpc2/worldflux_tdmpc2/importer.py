@@ -321,7 +321,8 @@ def import_checkpoint(
     for key, value in given.items():
         if key in inferred and inferred[key] != value:
             raise CheckpointError(
-                f"config {key}={value!r} disagrees with the checkpoint's shapes ({inferred[key]!r})",
+                f"config {key}={value!r} disagrees with the checkpoint's shapes "
+                f"({inferred[key]!r})",
                 hint=f"drop {key} from --config; it is read from the weights",
             )
     cfg: dict[str, Any] = {**inferred, **given}
@@ -401,15 +402,15 @@ def import_checkpoint(
             mapped[key] = "task_emb.weight"
         else:
             m = re.match(r"^(.*)\.(\d+)\.(weight|bias|ln\.weight|ln\.bias)$", key)
-            module = _MODULES.get(m.group(1)) if m else None
-            if m is None or module is None:
+            found = _MODULES.get(m.group(1)) if m else None
+            if m is None or found is None:
                 raise CheckpointError(
                     f"official tdmpc2 checkpoint has an unknown tensor {key!r} "
                     f"{tuple(value.shape)}",
                     hint="unknown tensors are never ignored silently; is this checkpoint from "
                     f"the official code near commit {OFFICIAL_COMMIT}?",
                 )
-            name = f"{module}.{m.group(2)}.{m.group(3)}"
+            name = f"{found}.{m.group(2)}.{m.group(3)}"
             values[name] = value
             mapped[key] = name
 

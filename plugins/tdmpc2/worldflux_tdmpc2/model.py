@@ -155,7 +155,7 @@ def _tracing() -> bool:
     return bool(
         torch.compiler.is_compiling()
         or (exporting is not None and exporting())
-        or torch.jit.is_tracing()
+        or torch._C._get_tracing_state() is not None
     )
 
 
@@ -172,7 +172,8 @@ def _q_head(
         return t.detach() if detach else t
 
     h = x
-    for i, layer in enumerate(head):  # type: ignore[arg-type]
+    layers: list[nn.Module] = list(head.children())
+    for i, layer in enumerate(layers):
         assert isinstance(layer, nn.Linear)
         h = torch.matmul(h, w(layer.weight).t()) + w(layer.bias)
         if isinstance(layer, NormedLinear):
@@ -195,7 +196,9 @@ def _running_scale_percentiles(x: Tensor) -> Tensor:
     ceiled = torch.clamp(floored + 1, max=n - 1)
     w_ceiled = positions - floored
     w_floored = 1.0 - w_ceiled
-    out = sorted_x[floored.long()] * w_floored[:, None] + sorted_x[ceiled.long()] * w_ceiled[:, None]
+    out = (
+        sorted_x[floored.long()] * w_floored[:, None] + sorted_x[ceiled.long()] * w_ceiled[:, None]
+    )
     return out.reshape(-1, *x.shape[1:]).to(x.dtype)
 
 
@@ -404,9 +407,7 @@ class TDMPC2WorldModel(WorldModel):
         """The official ``Q(..., return_type=kind)`` as a scalar ``[...]``: ``"min"`` or
         ``"avg"`` of two heads, ``heads`` (int64, the first two of the official
         ``randperm(num_q)``; drawn when None)."""
-        logits = self.q_logits(
-            z, action, target, task, dropout_keep=dropout_keep, detach=detach
-        )
+        logits = self.q_logits(z, action, target, task, dropout_keep=dropout_keep, detach=detach)
         if heads is None:
             heads = torch.randperm(self.config["num_q"], device=logits.device)
         q = self._two_hot_inv(logits[heads[:2]])
