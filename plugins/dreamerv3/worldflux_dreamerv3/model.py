@@ -189,7 +189,9 @@ class MLP(nn.Module):
 class MLPHead(nn.Module):
     """Official ``MLPHead``: ``mlp`` then the output layers in ``head``."""
 
-    def __init__(self, inp: int, units: int, layers: int, head: nn.Module) -> None:
+    head: nn.ModuleDict
+
+    def __init__(self, inp: int, units: int, layers: int, head: nn.ModuleDict) -> None:
         super().__init__()
         self.mlp = MLP(inp, units, layers)
         self.head = head
@@ -197,6 +199,20 @@ class MLPHead(nn.Module):
 
 def _head(outscale: float, units: int, **widths: int) -> nn.ModuleDict:
     return nn.ModuleDict({k: Linear(units, w, outscale) for k, w in widths.items()})
+
+
+def _layer(modules: nn.ModuleDict, *path: str) -> nn.Module:
+    """The module at ``path`` in nested ``ModuleDict``s."""
+    module: nn.Module = modules
+    for key in path:
+        assert isinstance(module, nn.ModuleDict)
+        module = module[key]
+    return module
+
+
+def _run(module: nn.Module, x: Tensor) -> Tensor:
+    y: Tensor = module(x)
+    return y
 
 
 def _norm_act(norm: nn.Module, x: Tensor) -> Tensor:
@@ -290,7 +306,8 @@ class Decoder(nn.Module):
         stoch = stoch.flatten(1)
         out = {}
         if self.obs_dim:
-            out["vector"] = self.vec["vector"]["pred"](self.mlp(torch.cat([stoch, deter], -1)))
+            pred = _layer(self.vec, "vector", "pred")
+            out["vector"] = _run(pred, self.mlp(torch.cat([stoch, deter], -1)))
         if self.image:
             g = self.bspace
             # '(g h w c) -> h w (g c)': each deter block paints its own channel group.
@@ -318,9 +335,9 @@ class RSSM(nn.Module):
         self.dynlayers = int(config["dynlayers"])
         self.obslayers = int(config["obslayers"])
         self.imglayers = int(config["imglayers"])
-        for i, width in enumerate((deter, stoch_flat, action_width)):
-            self.add_module(f"dynin{i}", Linear(width, hidden))
-            self.add_module(f"dynin{i}norm", RMSNorm(hidden))
+        self.dynin0, self.dynin0norm = Linear(deter, hidden), RMSNorm(hidden)
+        self.dynin1, self.dynin1norm = Linear(stoch_flat, hidden), RMSNorm(hidden)
+        self.dynin2, self.dynin2norm = Linear(action_width, hidden), RMSNorm(hidden)
         width = deter + 3 * hidden * blocks
         for i in range(self.dynlayers):
             self.add_module(f"dynhid{i}", BlockLinear(width, deter, blocks))
@@ -369,6 +386,7 @@ class DreamerV3WorldModel(WorldModel):
 
     family = spec.FAMILY
     capabilities = spec.CAPABILITIES
+    bins: Tensor
 
     def __init__(self, **config: Any) -> None:
         super().__init__()
@@ -643,16 +661,16 @@ class DreamerV3WorldModel(WorldModel):
 
     def reward_logits(self, feat: Tensor) -> Tensor:
         """Reward head logits ``[batch, bins]`` from `features`."""
-        return self.rew.head["logits"](self.rew.mlp(feat))  # type: ignore[no-any-return]
+        return _run(self.rew.head["logits"], self.rew.mlp(feat))
 
     def continue_logit(self, feat: Tensor) -> Tensor:
         """Continue head logit ``[batch]`` from `features`."""
-        return self.con.head["logit"](self.con.mlp(feat)).squeeze(-1)  # type: ignore[no-any-return]
+        return _run(self.con.head["logit"], self.con.mlp(feat)).squeeze(-1)
 
     def value_logits(self, feat: Tensor, slow: bool = False) -> Tensor:
         """Critic logits ``[batch, bins]`` (``slowval`` when ``slow``) from `features`."""
         head = self.slowval if slow else self.val
-        return head.head["logits"](head.mlp(feat))  # type: ignore[no-any-return]
+        return _run(head.head["logits"], head.mlp(feat))
 
     def value(self, state: State, slow: bool = False) -> Tensor:
         """Critic prediction ``[batch]`` in raw return space (``slowval`` when ``slow``)."""
@@ -667,13 +685,13 @@ class DreamerV3WorldModel(WorldModel):
         * sigmoid(. + 2) + minstd}``, each ``[batch, action_dim]``. Discrete (official
         ``categorical``, no unimix): ``{"logits": [batch, action_dim]}``.
         """
-        out = self.pol.head["action"]
         x = self.pol.mlp(feat)
         if self.discrete:
-            return {"logits": out["logits"](x)}
+            return {"logits": _run(_layer(self.pol.head, "action", "logits"), x)}
         lo, hi = float(self.config["minstd"]), float(self.config["maxstd"])
-        std = (hi - lo) * torch.sigmoid(out["stddev"](x) + 2.0) + lo
-        return {"mean": torch.tanh(out["mean"](x)), "std": std}
+        std = (hi - lo) * torch.sigmoid(_run(_layer(self.pol.head, "action", "stddev"), x) + 2.0)
+        mean = torch.tanh(_run(_layer(self.pol.head, "action", "mean"), x))
+        return {"mean": mean, "std": std + lo}
 
     def policy_logp(self, dist: Mapping[str, Tensor], action: Tensor) -> Tensor:
         """Log-probability ``[batch]`` of ``action`` under `policy` output ``dist`` (official).
