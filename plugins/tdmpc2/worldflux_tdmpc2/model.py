@@ -898,8 +898,6 @@ class TDMPC2WorldModel(WorldModel):
         if cfg["policy_coef"]:
             components["policy"] = policy_loss
         with torch.no_grad():
-            action = batch["action"].transpose(0, 1)[:-1]
-            task = batch.get("task")
             pred_reward = self._two_hot_inv(terms["reward_preds"])
             reward = batch["reward"].transpose(0, 1)[:-1]
             metrics = {
@@ -916,7 +914,6 @@ class TDMPC2WorldModel(WorldModel):
                         torch.sigmoid(terms["termination_pred"][-1]), terms["terminated"][-1]
                     )
                 )
-            del action, task
         return LossOutput(loss=total, components=components, metrics=metrics)  # type: ignore[arg-type]
 
 
