@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 
 import synthetic_env as se  # noqa: E402
 from worldflux_dreamerv3 import plugin, spec  # noqa: E402
-from worldflux_dreamerv3.model import DreamerV3WorldModel, symlog  # noqa: E402
+from worldflux_dreamerv3.model import DreamerV3WorldModel, twohot_raw  # noqa: E402
 
 from worldflux_registry import ConditionPayload, WorldModelInput  # noqa: E402
 from worldflux_registry.protocol._payloads import tensor_problems  # noqa: E402
@@ -278,12 +278,16 @@ def test_image_loss_reads_uint8_frames():
     assert torch.isfinite(out.components["image"]) and out.components["image"] > 0
 
 
-def test_twohot_expectation_inverts_symlog():
+def test_twohot_expectation_inverts_raw_space_targets():
+    # Official symexp_twohot (changed from the 2023 symlog-space two-hot): bins are raw-space,
+    # symexp(linspace(-20, 0, 128)) mirrored, and the weights are linear in raw space.
     model = build(CI)
+    assert torch.equal(model.bins, -model.bins.flip(0)) and model.bins[127] == 0
     target = torch.tensor([-300.0, -1.5, 0.0, 0.3, 7.0, 1e4])
-    enc = model._twohot(target)
+    enc = twohot_raw(target, model.bins)
     assert torch.allclose(enc.sum(-1), torch.ones(6))
-    assert torch.allclose(enc @ model.bins, symlog(target), atol=1e-4)
+    assert ((enc > 0).sum(-1) <= 2).all()
+    assert torch.allclose(enc @ model.bins, target, rtol=1e-5, atol=1e-6)
 
 
 # -- training sanity -------------------------------------------------------------------------

@@ -223,6 +223,10 @@ def test_training_loss_soft_updates_the_target_q_and_eval_loss_does_not():
     model.loss(_batch())  # eval mode: no update
     assert torch.equal(model.target_qs[0][0].weight, before)
     model.train()
+    # Official schedule: the soft update follows each optimizer step, so the first train-mode
+    # call uses the target as it is, and the update of step k runs at the start of call k + 1.
+    model.loss(_batch())
+    assert torch.equal(model.target_qs[0][0].weight, before)
     model.loss(_batch())
     online = model.qs[0][0].weight.detach()
     assert torch.allclose(model.target_qs[0][0].weight, before.lerp(online, model.config["tau"]))
@@ -380,9 +384,13 @@ def test_multitask_steps_without_task_ids_name_the_condition():
 def test_multitask_embedding_rows_are_used_at_norm_at_most_one():
     model, *_ = _mt_inputs()
     with torch.no_grad():
-        model.task_emb.weight.mul_(10.0)  # rows far outside the unit ball
+        # Rows far outside the unit ball (the official init, U(-0.02, 0.02), starts inside it).
+        model.task_emb.weight.mul_(1000.0)
+        assert (model.task_emb.weight.norm(dim=-1) > 2).all()
         out = model.with_task(torch.zeros(3, 0), torch.arange(3))
     assert torch.allclose(out.norm(dim=-1), torch.ones(3), atol=1e-5)
+    # As the official nn.Embedding(max_norm=1), the lookup renormalised the stored rows too.
+    assert torch.allclose(model.task_emb.weight.norm(dim=-1), torch.ones(3), atol=1e-5)
 
 
 def test_multitask_loss_trains_with_task_ids(one_thread):

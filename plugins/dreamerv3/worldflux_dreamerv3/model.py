@@ -189,7 +189,9 @@ class MLP(nn.Module):
 class MLPHead(nn.Module):
     """Official ``MLPHead``: ``mlp`` then the output layers in ``head``."""
 
-    def __init__(self, inp: int, units: int, layers: int, head: nn.Module) -> None:
+    head: nn.ModuleDict
+
+    def __init__(self, inp: int, units: int, layers: int, head: nn.ModuleDict) -> None:
         super().__init__()
         self.mlp = MLP(inp, units, layers)
         self.head = head
@@ -197,6 +199,20 @@ class MLPHead(nn.Module):
 
 def _head(outscale: float, units: int, **widths: int) -> nn.ModuleDict:
     return nn.ModuleDict({k: Linear(units, w, outscale) for k, w in widths.items()})
+
+
+def _layer(modules: nn.ModuleDict, *path: str) -> nn.Module:
+    """The module at ``path`` in nested ``ModuleDict``s."""
+    module: nn.Module = modules
+    for key in path:
+        assert isinstance(module, nn.ModuleDict)
+        module = module[key]
+    return module
+
+
+def _run(module: nn.Module, x: Tensor) -> Tensor:
+    y: Tensor = module(x)
+    return y
 
 
 def _norm_act(norm: nn.Module, x: Tensor) -> Tensor:
@@ -290,7 +306,8 @@ class Decoder(nn.Module):
         stoch = stoch.flatten(1)
         out = {}
         if self.obs_dim:
-            out["vector"] = self.vec["vector"]["pred"](self.mlp(torch.cat([stoch, deter], -1)))
+            pred = _layer(self.vec, "vector", "pred")
+            out["vector"] = _run(pred, self.mlp(torch.cat([stoch, deter], -1)))
         if self.image:
             g = self.bspace
             # '(g h w c) -> h w (g c)': each deter block paints its own channel group.
@@ -318,9 +335,9 @@ class RSSM(nn.Module):
         self.dynlayers = int(config["dynlayers"])
         self.obslayers = int(config["obslayers"])
         self.imglayers = int(config["imglayers"])
-        for i, width in enumerate((deter, stoch_flat, action_width)):
-            self.add_module(f"dynin{i}", Linear(width, hidden))
-            self.add_module(f"dynin{i}norm", RMSNorm(hidden))
+        self.dynin0, self.dynin0norm = Linear(deter, hidden), RMSNorm(hidden)
+        self.dynin1, self.dynin1norm = Linear(stoch_flat, hidden), RMSNorm(hidden)
+        self.dynin2, self.dynin2norm = Linear(action_width, hidden), RMSNorm(hidden)
         width = deter + 3 * hidden * blocks
         for i in range(self.dynlayers):
             self.add_module(f"dynhid{i}", BlockLinear(width, deter, blocks))
@@ -369,6 +386,7 @@ class DreamerV3WorldModel(WorldModel):
 
     family = spec.FAMILY
     capabilities = spec.CAPABILITIES
+    bins: Tensor
 
     def __init__(self, **config: Any) -> None:
         super().__init__()
@@ -626,25 +644,33 @@ class DreamerV3WorldModel(WorldModel):
 
         Bins are raw-space, so this is already the raw value (uniform logits give exactly 0).
         """
-        return two_hot_mean(torch.softmax(logits, -1), self.bins)
+        # In float32 as official (TwoHot casts its logits); a half copy's bins would overflow.
+        return two_hot_mean(torch.softmax(logits.float(), -1), self._bins32).to(logits.dtype)
 
     def _twohot_loss(self, logits: Tensor, target: Tensor) -> Tensor:
         """Official ``TwoHot.loss``: cross-entropy against `twohot_raw` of the raw target."""
-        weights = twohot_raw(target.to(logits.dtype), self.bins)
-        return -(weights * torch.log_softmax(logits, -1)).sum(-1)
+        weights = twohot_raw(target.float(), self._bins32)
+        return -(weights * torch.log_softmax(logits.float(), -1)).sum(-1)
+
+    @property
+    def _bins32(self) -> Tensor:
+        """`bins` in float32 (rebuilt for a half copy, where 4.85e8 does not fit)."""
+        if self.bins.dtype == torch.float32:
+            return self.bins
+        return symexp_twohot_bins(int(self.bins.shape[0])).to(self.bins.device)
 
     def reward_logits(self, feat: Tensor) -> Tensor:
         """Reward head logits ``[batch, bins]`` from `features`."""
-        return self.rew.head["logits"](self.rew.mlp(feat))  # type: ignore[no-any-return]
+        return _run(self.rew.head["logits"], self.rew.mlp(feat))
 
     def continue_logit(self, feat: Tensor) -> Tensor:
         """Continue head logit ``[batch]`` from `features`."""
-        return self.con.head["logit"](self.con.mlp(feat)).squeeze(-1)  # type: ignore[no-any-return]
+        return _run(self.con.head["logit"], self.con.mlp(feat)).squeeze(-1)
 
     def value_logits(self, feat: Tensor, slow: bool = False) -> Tensor:
         """Critic logits ``[batch, bins]`` (``slowval`` when ``slow``) from `features`."""
         head = self.slowval if slow else self.val
-        return head.head["logits"](head.mlp(feat))  # type: ignore[no-any-return]
+        return _run(head.head["logits"], head.mlp(feat))
 
     def value(self, state: State, slow: bool = False) -> Tensor:
         """Critic prediction ``[batch]`` in raw return space (``slowval`` when ``slow``)."""
@@ -659,13 +685,13 @@ class DreamerV3WorldModel(WorldModel):
         * sigmoid(. + 2) + minstd}``, each ``[batch, action_dim]``. Discrete (official
         ``categorical``, no unimix): ``{"logits": [batch, action_dim]}``.
         """
-        out = self.pol.head["action"]
         x = self.pol.mlp(feat)
         if self.discrete:
-            return {"logits": out["logits"](x)}
+            return {"logits": _run(_layer(self.pol.head, "action", "logits"), x)}
         lo, hi = float(self.config["minstd"]), float(self.config["maxstd"])
-        std = (hi - lo) * torch.sigmoid(out["stddev"](x) + 2.0) + lo
-        return {"mean": torch.tanh(out["mean"](x)), "std": std}
+        std = (hi - lo) * torch.sigmoid(_run(_layer(self.pol.head, "action", "stddev"), x) + 2.0)
+        mean = torch.tanh(_run(_layer(self.pol.head, "action", "mean"), x))
+        return {"mean": mean, "std": std + lo}
 
     def policy_logp(self, dist: Mapping[str, Tensor], action: Tensor) -> Tensor:
         """Log-probability ``[batch]`` of ``action`` under `policy` output ``dist`` (official).
@@ -687,6 +713,14 @@ class DreamerV3WorldModel(WorldModel):
             return -(logp.exp() * logp).sum(-1)
         std = dist["std"]
         return (0.5 * torch.log(2 * math.pi * std.square()) + 0.5).sum(-1)
+
+    def policy_entropy_bounds(self) -> tuple[Tensor, Tensor]:
+        """Per-dim entropies of ``Normal(0, minstd)`` and ``Normal(0, maxstd)`` ``[action_dim]``
+        (official ``minent`` / ``maxent`` of the bounded-normal policy; continuous only)."""
+        stds = torch.tensor([float(self.config["minstd"]), float(self.config["maxstd"])])
+        ent = 0.5 * torch.log(2 * math.pi * stds.square()) + 0.5
+        lo, hi = (e.expand(self.action_dim).to(self.bins.device) for e in ent)
+        return lo, hi
 
     def sample_action(
         self, dist: Mapping[str, Tensor], noise: Tensor | None, deterministic: bool = False
@@ -792,14 +826,14 @@ class DreamerV3WorldModel(WorldModel):
     # -- training ----------------------------------------------------------------------------
     def _kl(self, post_logits: Tensor, prior_logits: Tensor) -> Tensor:
         """KL(post || prior) of the unimix categoricals, summed over the latents (official)."""
-        lp = torch.log_softmax(self.unimix_logits(post_logits), -1)
-        lq = torch.log_softmax(self.unimix_logits(prior_logits), -1)
-        return (lp.exp() * (lp - lq)).sum((-2, -1))
+        post, prior = self.unimix_logits(post_logits), self.unimix_logits(prior_logits)
+        lp, lq = torch.log_softmax(post, -1), torch.log_softmax(prior, -1)
+        return (torch.softmax(post, -1) * (lp - lq)).sum(-1).sum(-1)
 
     def _entropy(self, logits: Tensor) -> Tensor:
         """Entropy of the unimix categoricals, summed over the latents (official)."""
-        lp = torch.log_softmax(self.unimix_logits(logits), -1)
-        return -(lp.exp() * lp).sum((-2, -1))
+        mixed = self.unimix_logits(logits)
+        return -(torch.softmax(mixed, -1) * torch.log_softmax(mixed, -1)).sum(-1).sum(-1)
 
     def _official_layout(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``prevact``, ``reset``, ``reward``, ``con`` (continue target) of either layout."""

@@ -75,14 +75,24 @@ def _load(path: Path) -> Any:
             f"official tdmpc2 checkpoint {str(path)!r} is not a file",
             hint="pass the checkpoint.pt written by the official TDMPC2.save",
         )
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):
+        raise CheckpointError(
+            f"{str(path)!r} is not a torch checkpoint (not a zip or pickle file; starts with "
+            f"{head!r})",
+            hint="pass the checkpoint.pt written by the official TDMPC2.save",
+        )
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "weights_only" in text or "Weights only" in text:
+            found = re.search(r"(?:GLOBAL|global) ([\w.]+)", text)
+            what = f"the global {found.group(1)}" if found else "objects other than tensors"
             raise CheckpointError(
-                f"{str(path)!r} was refused by torch.load(weights_only=True): it holds objects "
-                f"other than tensors and plain containers ({text.splitlines()[0][:200]})",
+                f"{str(path)!r} was refused by torch.load(weights_only=True): it needs "
+                f"{what}, which a plain state dict never does",
                 hint="only the official torch.save({'model': state_dict}) files are imported; "
                 "re-save the state dict alone if you trust the file",
             ) from exc
@@ -311,7 +321,8 @@ def import_checkpoint(
     for key, value in given.items():
         if key in inferred and inferred[key] != value:
             raise CheckpointError(
-                f"config {key}={value!r} disagrees with the checkpoint's shapes ({inferred[key]!r})",
+                f"config {key}={value!r} disagrees with the checkpoint's shapes "
+                f"({inferred[key]!r})",
                 hint=f"drop {key} from --config; it is read from the weights",
             )
     cfg: dict[str, Any] = {**inferred, **given}
@@ -391,15 +402,15 @@ def import_checkpoint(
             mapped[key] = "task_emb.weight"
         else:
             m = re.match(r"^(.*)\.(\d+)\.(weight|bias|ln\.weight|ln\.bias)$", key)
-            module = _MODULES.get(m.group(1)) if m else None
-            if m is None or module is None:
+            found = _MODULES.get(m.group(1)) if m else None
+            if m is None or found is None:
                 raise CheckpointError(
                     f"official tdmpc2 checkpoint has an unknown tensor {key!r} "
                     f"{tuple(value.shape)}",
                     hint="unknown tensors are never ignored silently; is this checkpoint from "
                     f"the official code near commit {OFFICIAL_COMMIT}?",
                 )
-            name = f"{module}.{m.group(2)}.{m.group(3)}"
+            name = f"{found}.{m.group(2)}.{m.group(3)}"
             values[name] = value
             mapped[key] = name
 

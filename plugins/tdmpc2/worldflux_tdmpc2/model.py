@@ -155,7 +155,7 @@ def _tracing() -> bool:
     return bool(
         torch.compiler.is_compiling()
         or (exporting is not None and exporting())
-        or torch.jit.is_tracing()
+        or torch._C._get_tracing_state() is not None
     )
 
 
@@ -172,7 +172,8 @@ def _q_head(
         return t.detach() if detach else t
 
     h = x
-    for i, layer in enumerate(head):  # type: ignore[arg-type]
+    layers: list[nn.Module] = list(head.children())
+    for i, layer in enumerate(layers):
         assert isinstance(layer, nn.Linear)
         h = torch.matmul(h, w(layer.weight).t()) + w(layer.bias)
         if isinstance(layer, NormedLinear):
@@ -195,7 +196,9 @@ def _running_scale_percentiles(x: Tensor) -> Tensor:
     ceiled = torch.clamp(floored + 1, max=n - 1)
     w_ceiled = positions - floored
     w_floored = 1.0 - w_ceiled
-    out = sorted_x[floored.long()] * w_floored[:, None] + sorted_x[ceiled.long()] * w_ceiled[:, None]
+    out = (
+        sorted_x[floored.long()] * w_floored[:, None] + sorted_x[ceiled.long()] * w_ceiled[:, None]
+    )
     return out.reshape(-1, *x.shape[1:]).to(x.dtype)
 
 
@@ -404,9 +407,7 @@ class TDMPC2WorldModel(WorldModel):
         """The official ``Q(..., return_type=kind)`` as a scalar ``[...]``: ``"min"`` or
         ``"avg"`` of two heads, ``heads`` (int64, the first two of the official
         ``randperm(num_q)``; drawn when None)."""
-        logits = self.q_logits(
-            z, action, target, task, dropout_keep=dropout_keep, detach=detach
-        )
+        logits = self.q_logits(z, action, target, task, dropout_keep=dropout_keep, detach=detach)
         if heads is None:
             heads = torch.randperm(self.config["num_q"], device=logits.device)
         q = self._two_hot_inv(logits[heads[:2]])
@@ -712,7 +713,10 @@ class TDMPC2WorldModel(WorldModel):
         return self.discount_table[task.long()]
 
     def loss_terms(
-        self, batch: Mapping[str, Tensor], noise: Mapping[str, Tensor] | None = None
+        self,
+        batch: Mapping[str, Tensor],
+        noise: Mapping[str, Tensor] | None = None,
+        policy: bool = True,
     ) -> dict[str, Tensor]:
         """Every quantity of the official ``TDMPC2._update`` loss, time-major.
 
@@ -795,7 +799,6 @@ class TDMPC2WorldModel(WorldModel):
             + cfg["value_coef"] * value_loss
         )
         assert isinstance(total, Tensor)
-        policy = self.policy_loss(all_zs.detach(), task, noise)
         terms.update(
             next_z=next_z,
             td_targets=td_targets,
@@ -809,7 +812,9 @@ class TDMPC2WorldModel(WorldModel):
             termination=torch.as_tensor(termination_loss, device=total.device),
             total=total,
         )
-        terms.update({f"pi_{k}": v for k, v in policy.items()})
+        if policy:
+            pieces = self.policy_loss(all_zs.detach(), task, noise)
+            terms.update({f"pi_{k}": v for k, v in pieces.items()})
         return terms
 
     def policy_loss(
@@ -893,8 +898,6 @@ class TDMPC2WorldModel(WorldModel):
         if cfg["policy_coef"]:
             components["policy"] = policy_loss
         with torch.no_grad():
-            action = batch["action"].transpose(0, 1)[:-1]
-            task = batch.get("task")
             pred_reward = self._two_hot_inv(terms["reward_preds"])
             reward = batch["reward"].transpose(0, 1)[:-1]
             metrics = {
@@ -911,7 +914,6 @@ class TDMPC2WorldModel(WorldModel):
                         torch.sigmoid(terms["termination_pred"][-1]), terms["terminated"][-1]
                     )
                 )
-            del action, task
         return LossOutput(loss=total, components=components, metrics=metrics)  # type: ignore[arg-type]
 
 

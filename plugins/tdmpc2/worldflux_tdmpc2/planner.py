@@ -9,16 +9,18 @@ Every random draw is an input. For a batch of ``B`` environments, with ``H = hor
 ``P = num_pi_trajs``, ``K = num_elites``, ``A = action_dim``, the noise tensors are (official
 draw in brackets, in the official call order):
 
-==================  ======================  ===========================================================
-name                shape / dtype           official draw
-==================  ======================  ===========================================================
-``pi_eps``          ``[B, H, P, A]`` f32    ``randn_like [P, A]`` of ``pi`` for policy trajectory step t
-``sample_eps``      ``[B, I, H, N-P, A]``   ``randn [H, N-P, A]``: ``r`` of ``clamp(mean + std * r)``
-``value_eps``       ``[B, I, N, A]`` f32    ``randn_like [N, A]`` of ``pi`` at ``z_H`` in ``_estimate_value``
-``q_heads``         ``[B, I, 2]`` int64     ``randperm(num_q)[:2]``: the two heads of ``Q(..., 'avg')``
-``gumbel_exp``      ``[B, K]`` f32          ``exponential_ [K]``: ``E`` of ``gumbel_softmax_sample``
-``action_eps``      ``[B, A]`` f32          ``randn [A]``: exploration noise (only when not eval mode)
-==================  ======================  ===========================================================
+- ``pi_eps`` ``[B, H, P, A]`` float32: ``randn_like [P, A]`` of ``pi`` for policy-prior
+  trajectory step t (draws 0..H-1);
+- ``sample_eps`` ``[B, I, H, N - P, A]`` float32: ``randn [H, N - P, A]``, the ``r`` of
+  ``clamp(mean + std * r, -1, 1)`` (first draw of each iteration);
+- ``value_eps`` ``[B, I, N, A]`` float32: ``randn_like [N, A]`` of ``pi`` at ``z_H`` in
+  ``_estimate_value`` (second draw of each iteration);
+- ``q_heads`` ``[B, I, 2]`` int64: ``randperm(num_q)[:2]``, the two heads of ``Q(..., 'avg')``
+  (third draw of each iteration);
+- ``gumbel_exp`` ``[B, K]`` float32: ``exponential_ [K]``, the ``E`` of
+  ``gumbel_softmax_sample`` (the elite is ``argmax(softmax(log(score) - log(E)))``);
+- ``action_eps`` ``[B, A]`` float32: ``randn [A]``, exploration noise ``std[0] * eps`` (only
+  when not in eval mode; the last draw).
 
 Multi-task eps are raw draws; the policy masks them with the task's action mask, as official.
 The model passes them as condition extras ``wf.noise.plan_<name>`` (`noise_key`).
@@ -222,7 +224,9 @@ def check_noise(
                 f"expected {dtype}",
                 family=spec.FAMILY,
             )
-    wanted = tuple(n for n in NOISE_NAMES if n not in given and not (eval_mode and n == "action_eps"))
+    wanted = tuple(
+        n for n in NOISE_NAMES if n not in given and not (eval_mode and n == "action_eps")
+    )
     given.update(draw_noise(cfg, batch, num_q, device=device, generator=generator, names=wanted))
     return given
 
@@ -231,7 +235,9 @@ def _take(x: Tensor, idx: Tensor, dim: int) -> Tensor:
     """``x`` indexed along ``dim`` by per-batch ``idx`` ``[B, M]`` (``x`` is ``[B, ...]``)."""
     shape = [1] * x.dim()
     shape[0], shape[dim] = idx.shape[0], idx.shape[1]
-    index = idx.reshape(shape).expand(*[x.shape[d] if d != dim else idx.shape[1] for d in range(x.dim())])
+    index = idx.reshape(shape).expand(
+        *[x.shape[d] if d != dim else idx.shape[1] for d in range(x.dim())]
+    )
     return torch.gather(x, dim, index)
 
 
@@ -305,9 +311,7 @@ def plan(
             pi_list.append(a_t)
             if t < h - 1:
                 zp = model.next(zp, a_t, task2)
-    pi_actions = (
-        torch.stack(pi_list, dim=1) if pi_list else z0.new_zeros(b, h, 0, cfg.action_dim)
-    )
+    pi_actions = torch.stack(pi_list, dim=1) if pi_list else z0.new_zeros(b, h, 0, cfg.action_dim)
 
     z = z0.unsqueeze(1).repeat(1, n, 1)
     mean = torch.cat([prev_mean[:, 1:], torch.zeros_like(prev_mean[:, :1])], dim=1)
@@ -322,7 +326,13 @@ def plan(
         if mask is not None:
             actions = actions * mask
         value = estimate_value(
-            model, cfg, z, actions, noise["value_eps"][:, i], noise["q_heads"][:, i], weights,
+            model,
+            cfg,
+            z,
+            actions,
+            noise["value_eps"][:, i],
+            noise["q_heads"][:, i],
+            weights,
             task2,
         ).nan_to_num(0)
         elite_idxs = torch.topk(value, k, dim=-1).indices  # [B, K]

@@ -288,9 +288,7 @@ def check_config(config: Mapping[str, Any]) -> None:
     _int_list(config, "action_dims", tasks, 1, config["action_dim"])
     _int_list(config, "episode_lengths", tasks, 1, None)
     if config["action_dims"] is not None and not tasks:
-        raise ConfigError(
-            "tdmpc2 action_dims is for multi-task models (tasks > 0)", family=FAMILY
-        )
+        raise ConfigError("tdmpc2 action_dims is for multi-task models (tasks > 0)", family=FAMILY)
     if config["episode_lengths"] is not None and not tasks:
         raise ConfigError(
             "tdmpc2 episode_lengths is for multi-task models (tasks > 0)",
@@ -303,7 +301,9 @@ def check_config(config: Mapping[str, Any]) -> None:
         )
     pi_trajs = config["num_pi_trajs"]
     if isinstance(pi_trajs, bool) or not isinstance(pi_trajs, int) or pi_trajs < 0:
-        raise ConfigError(f"tdmpc2 num_pi_trajs must be an int >= 0, got {pi_trajs!r}", family=FAMILY)
+        raise ConfigError(
+            f"tdmpc2 num_pi_trajs must be an int >= 0, got {pi_trajs!r}", family=FAMILY
+        )
     if not pi_trajs < config["num_samples"] or not config["num_elites"] <= config["num_samples"]:
         raise ConfigError(
             f"tdmpc2 needs num_pi_trajs < num_samples and num_elites <= num_samples, got "
