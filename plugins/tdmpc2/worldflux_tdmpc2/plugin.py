@@ -37,7 +37,8 @@ def worldflux_registry_importers() -> list[ImporterSpec]:
         ImporterSpec(
             family=spec.FAMILY,
             source_format="tdmpc2-official-pt",
-            summary="checkpoint.pt written by the official TD-MPC2 code (nicklashansen/tdmpc2 @ e9f5932)",
+            summary="checkpoint.pt written by the official TD-MPC2 code "
+            "(nicklashansen/tdmpc2 @ e9f5932)",
             importer="worldflux_tdmpc2.importer:import_checkpoint",
         )
     ]
