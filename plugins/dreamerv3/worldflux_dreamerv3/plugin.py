@@ -15,7 +15,7 @@ def worldflux_registry_families() -> list[FamilySpec]:
     return [
         FamilySpec(
             name=spec.FAMILY,
-            summary="DreamerV3 RSSM: block GRU, 32 categorical latents, symexp two-hot reward",
+            summary="DreamerV3 agent: block-GRU RSSM, raw-space two-hot heads, actor and critic",
             model="worldflux_dreamerv3.model:DreamerV3WorldModel",
             defaults=spec.DEFAULTS,
             presets=spec.PRESETS,
