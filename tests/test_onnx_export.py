@@ -152,7 +152,10 @@ def exported(tmp_path_factory, ref: str, weights: str, **export_options) -> Expo
 
 # -- comparison -------------------------------------------------------------------------------
 def assert_agree(where: str, specs, ref: dict, got: dict, atol: float = ATOL) -> None:
-    """fp32 parity: exact samples for one-hot categorical / integer outputs, else max abs."""
+    """fp32 parity: exact samples for one-hot categorical / integer outputs, else max abs.
+
+    An output whose contract declares a tolerance (a raw-space two-hot readout) is held to it.
+    """
     problems = []
     for spec in specs:
         a, b = ref[spec.name].detach(), got[spec.name].detach()
@@ -165,9 +168,11 @@ def assert_agree(where: str, specs, ref: dict, got: dict, atol: float = ATOL) ->
                 differ = int((a != b).sum())
                 problems.append(f"{spec.name}: {differ} sampled values differ")
         else:
+            rtol, abs_tol = spec.tolerance or (0.0, 0.0)
+            bound = max(atol, abs_tol) + rtol * a.abs()
             err = float((a - b).abs().max()) if a.numel() else 0.0
-            if not err <= atol:
-                problems.append(f"{spec.name}: max abs {err:.3g} > {atol}")
+            if a.numel() and not bool(((a - b).abs() <= bound).all()):
+                problems.append(f"{spec.name}: max abs {err:.3g} beyond {float(bound.max()):.3g}")
     assert not problems, f"{where}: " + "; ".join(problems)
 
 
@@ -536,7 +541,10 @@ def test_fp16_export_of_dreamerv3_passes_its_check_and_a_tampered_one_fails(tmp_
     (out / "manifest.json").write_text(json.dumps(manifest))
     report = parity.check(model, registry.load(out), batch_sizes=(4,), horizon=4)
     assert not report.passed
-    assert any(c.graph == "transition" and not c.passed for c in report.steps)
+    # The reversed weight multiplies the deterministic state, which a fresh model's encode
+    # leaves at zero (zero biases, as official): it shows from the first transition of a rollout.
+    failing = [c for c in (*report.steps, *report.rollouts) if not c.passed]
+    assert any(c.graph == "transition" for c in failing), [c.graph for c in failing]
 
 
 def test_cli_info_on_an_export_lists_its_graphs_and_parity(tmp_path, capsys, monkeypatch):

@@ -150,7 +150,9 @@ def check(
         prefix = "pred." if graph == "decode" else "state."
         for spec in specs:
             name = prefix + spec.name
-            tol, source = pick_tolerance(overrides, graph, name, spec.dtype, compute)
+            tol, source = pick_tolerance(
+                overrides, graph, name, spec.dtype, compute, spec.tolerance
+            )
             outputs[(graph, name)] = _Output(graph, name, spec, tol, source)
 
     notes: list[str] = []

@@ -150,13 +150,31 @@ def resolve_tolerances(
 
 
 def pick_tolerance(
-    overrides: Mapping[str, Tolerance], graph: str, output: str, dtype: str, precision: str | None
+    overrides: Mapping[str, Tolerance],
+    graph: str,
+    output: str,
+    dtype: str,
+    precision: str | None,
+    declared: tuple[float, float] | None = None,
 ) -> tuple[Tolerance, str]:
-    """The tolerance of ``graph/output`` and where it came from (the key, or ``dtype:...``)."""
+    """The tolerance of ``graph/output`` and where it came from.
+
+    In order: an override (its key), the contract's ``declared`` ``(rtol, atol)`` widened to the
+    dtype default where that is looser (``contract``), the dtype default (``default:<dtype>``).
+    """
     for key in (f"{graph}/{output}", output, graph):
         if key in overrides:
             return overrides[key], key
     if not dtype.startswith(("float", "bfloat")):
         return EXACT, f"exact:{dtype}"
     chosen = loosest(dtype, precision) or "float32"
-    return DEFAULT_TOLERANCES[chosen], f"default:{chosen}"
+    default = DEFAULT_TOLERANCES[chosen]
+    if declared is not None:
+        rtol, atol = declared
+        widened = Tolerance(
+            rtol=max(rtol, default.rtol),
+            atol=max(atol, default.atol),
+            max_flip_rate=default.max_flip_rate,
+        )
+        return widened, "contract"
+    return default, f"default:{chosen}"
