@@ -1,5 +1,6 @@
 """End-to-end demo (``make demo``): list families, load DreamerV3, export it to ONNX, load the
-export through the registry, roll it out on ONNX Runtime and compare it with torch.
+export through the registry, roll it out on ONNX Runtime and compare it with torch; then import
+the official TD-MPC2 reference checkpoint, export it and check its parity.
 
     python examples/demo.py                      # dreamerv3:ci, export in a temporary directory
     python examples/demo.py --preset size1m --out exports/dreamerv3
@@ -8,6 +9,7 @@ export through the registry, roll it out on ONNX Runtime and compare it with tor
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -37,15 +39,45 @@ def main() -> int:
         table.add_row(name, ", ".join(spec.presets), f"{spec.distribution or '-'}")
     console.print(table)
 
-    if args.out:
-        run(console, args, Path(args.out))
-    else:
-        with tempfile.TemporaryDirectory(prefix="worldflux-demo-") as tmp:
-            run(console, args, Path(tmp) / "export")
-    return 0
+    with tempfile.TemporaryDirectory(prefix="worldflux-demo-") as tmp:
+        passed = run(console, args, Path(args.out) if args.out else Path(tmp) / "export")
+        passed = official(console, Path(tmp)) and passed
+    return 0 if passed else 1
 
 
-def run(console: Console, args: argparse.Namespace, out: Path) -> None:
+#: A checkpoint written by the official TD-MPC2 code (provenance in its folder's README.md).
+OFFICIAL_TDMPC2 = (
+    Path(__file__).resolve().parents[1] / "tests/data/official/tdmpc2/single-task/checkpoint.pt"
+)
+
+
+def official(console: Console, tmp: Path) -> bool:
+    """Import the official TD-MPC2 reference checkpoint, export it, check parity."""
+    from worldflux_registry import export
+
+    console.print(
+        f"\n[bold]7. import[/bold] the official TD-MPC2 checkpoint {OFFICIAL_TDMPC2.name}"
+    )
+    result = registry.import_checkpoint(
+        "tdmpc2", OFFICIAL_TDMPC2, tmp / "tdmpc2-ckpt", config={"episode_length": "500"}
+    )
+    console.print(
+        f"   {len(result.mapped)} tensors kept, {len(result.dropped)} dropped "
+        f"(e.g. {next(iter(result.dropped))}: {next(iter(result.dropped.values()))}); "
+        f"matches official {result.official_commit}"
+    )
+    start = time.perf_counter()
+    out = export(registry.load(tmp / "tdmpc2-ckpt"), "onnx", tmp / "tdmpc2-onnx")  # check=True
+    summary = json.loads((out / "manifest.json").read_text())["parity"]
+    verdict = "[green]PASSED[/green]" if summary["passed"] else "[red]FAILED[/red]"
+    console.print(
+        f"[bold]8. exported[/bold] the imported model in {time.perf_counter() - start:.1f}s; "
+        f"parity on ONNX Runtime {verdict}"
+    )
+    return bool(summary["passed"])
+
+
+def run(console: Console, args: argparse.Namespace, out: Path) -> bool:
     import torch
 
     from worldflux_registry import export, parity
@@ -124,12 +156,13 @@ def run(console: Console, args: argparse.Namespace, out: Path) -> None:
     report = check_export(model, out, "onnx", batch_sizes=(1, args.batch), horizon=args.horizon)
     if report is None:
         console.print("parity checker unavailable")
-        return
+        return False
     console.print("[bold]6. parity[/bold] (summary stored in manifest.json)")
     report.print(Console(highlight=False, width=max(console.width, 150)))
     assert isinstance(report, parity.ParityReport)
     verdict = "[green]PASSED[/green]" if report.passed else "[red]FAILED[/red]"
     console.print(f"parity {verdict}")
+    return report.passed
 
 
 if __name__ == "__main__":
