@@ -10,9 +10,17 @@ from pathlib import Path
 from typing import Protocol
 
 
+class _Tolerance(Protocol):
+    @property
+    def atol(self) -> float: ...
+
+
 class _Curve(Protocol):
     @property
     def output(self) -> str: ...
+
+    @property
+    def tolerance(self) -> _Tolerance: ...
 
     @property
     def mode(self) -> str: ...
@@ -41,8 +49,7 @@ class _Plottable(Protocol):
 
 __all__ = ["plot_report"]
 
-# Zero error cannot sit on a log axis; it is drawn at this floor instead.
-_FLOOR = 1e-12
+_MARKERS = (".", "o", "s", "^")
 _STYLES = {"teacher_forced": "-", "free_running": "--"}
 
 
@@ -55,9 +62,9 @@ def plot_report(report: _Plottable, path: Path, *, metric: str = "max_abs") -> P
             "plotting a parity report needs matplotlib: pip install 'worldflux-registry[plot]'"
         ) from None
 
-    curves = [c for c in report.rollouts if c.output.startswith("state.")]
-    if not curves:
-        curves = list(report.rollouts)
+    from matplotlib.ticker import MaxNLocator
+
+    curves = list(report.rollouts)
     keys = list(dict.fromkeys(c.key for c in curves))
     cols = min(3, max(1, len(keys)))
     rows = max(1, math.ceil(len(keys) / cols))
@@ -66,21 +73,56 @@ def plot_report(report: _Plottable, path: Path, *, metric: str = "max_abs") -> P
     for ax in axes.flat[len(keys) :]:
         ax.set_visible(False)
     for ax, key in zip(axes.flat, keys, strict=False):
-        for curve in (c for c in curves if c.key == key):
+        exact: list[str] = []
+        tolerances = set()
+        horizon = 1
+        for i, curve in enumerate(c for c in curves if c.key == key):
             values = curve.series(metric)
-            steps = list(range(1, len(values) + 1))
-            ys = [max(v, _FLOOR) if v is not None else math.nan for v in values]
+            horizon = max(horizon, len(values))
             label = f"{curve.mode.replace('_', '-')} B={curve.batch}"
-            (line,) = ax.plot(steps, ys, _STYLES.get(curve.mode, "-"), marker=".", label=label)
+            if all(v == 0 for v in values if v is not None):
+                exact.append(label)  # nothing to draw on a log axis: listed instead
+                continue
+            steps = list(range(1, len(values) + 1))
+            # A zero error has no place on a log axis: it is a gap in the line, not a fake floor.
+            ys = [v if v else math.nan for v in values]
+            (line,) = ax.plot(
+                steps,
+                ys,
+                _STYLES.get(curve.mode, "-"),
+                marker=_MARKERS[i % len(_MARKERS)],
+                markersize=4,
+                alpha=0.85,
+                label=label,
+            )
+            if metric == "max_abs":
+                tolerances.add(curve.tolerance.atol)
             first = curve.first_failing_step
-            if first is not None and first <= len(ys):
+            if first is not None and first <= len(ys) and not math.isnan(ys[first - 1]):
                 ax.plot([first], [ys[first - 1]], "x", color=line.get_color(), markersize=9)
-        ax.set_yscale("log")
+        for atol in sorted(tolerances):
+            ax.axhline(atol, color="black", linewidth=0.8, linestyle=":", label=f"atol {atol:g}")
+        if exact:
+            ax.text(
+                0.5,
+                0.5 if not ax.lines else 0.06,
+                "zero error at every step:\n" + "\n".join(exact),
+                transform=ax.transAxes,
+                fontsize=7,
+                ha="center",
+                va="center" if not ax.lines else "bottom",
+            )
+        ax.set_xlim(0.5, horizon + 0.5)
+        if ax.lines:
+            ax.set_yscale("log")
+            ax.legend(fontsize=7)
+        else:
+            ax.set_yticks([])
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("rollout step")
         ax.set_ylabel(metric.replace("_", " "))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
     verdict = "PASS" if report.passed else "FAIL"
     fig.suptitle(f"parity {verdict}: {metric.replace('_', ' ')} per step (x: first failing step)")
     path.parent.mkdir(parents=True, exist_ok=True)
