@@ -490,9 +490,14 @@ class Registry:
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
+        validate: bool | None = None,
         **config_overrides: Any,
     ) -> WorldModel:
         """Build the model ``ref`` names, in eval mode on ``device`` / ``dtype``.
+
+        ``validate=True`` turns on the model's `WorldModel.validate_outputs` (every step's
+        outputs checked against the contract; an ONNX export's too); None keeps the default
+        (``WORLDFLUX_REGISTRY_VALIDATE``).
 
         Family and preset refs build fresh (randomly initialised) weights from the config with
         ``config_overrides`` applied (unknown fields raise `ConfigError` with the closest
@@ -510,12 +515,16 @@ class Registry:
                     hint="a checkpoint's config is fixed by its weights; load a preset instead",
                 )
 
-            return load_checkpoint(resolved.path or "", registry=self, device=device, dtype=dtype)
-        if resolved.kind == "artifact":
-            return self._load_artifact(resolved, device, dtype, config_overrides)
-        spec = self.get(resolved.family or "")
-        config = spec.config(resolved.preset, **config_overrides)
-        return self.build(spec, config, preset=resolved.preset, device=device, dtype=dtype)
+            model = load_checkpoint(resolved.path or "", registry=self, device=device, dtype=dtype)
+        elif resolved.kind == "artifact":
+            model = self._load_artifact(resolved, device, dtype, config_overrides)
+        else:
+            spec = self.get(resolved.family or "")
+            config = spec.config(resolved.preset, **config_overrides)
+            model = self.build(spec, config, preset=resolved.preset, device=device, dtype=dtype)
+        if validate is not None:
+            model.validate_outputs = bool(validate)
+        return model
 
     def build(
         self,

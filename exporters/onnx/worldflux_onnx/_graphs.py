@@ -269,13 +269,13 @@ class GraphModule(nn.Module):
             out.update(_prefixed("pred", traj.predictions or {}))
             return out
         if graph == "encode":
-            result = model.encode(WorldModelInput(group["obs"], conditions), det).tensors
+            result = model.encode(WorldModelInput(group["obs"], conditions=conditions), det).tensors
         elif graph == "decode":
             return _prefixed("pred", model.decode(State(group["state"]), conditions).predictions)
         elif graph == "transition":
             result = model.transition(State(group["state"]), action, conditions, det).tensors
         else:
-            obs = WorldModelInput(group["obs"], None)
+            obs = WorldModelInput(group["obs"], conditions=None)
             result = model.update(State(group["state"]), action, obs, conditions, det).tensors
         return _prefixed("new_state", result)
 
