@@ -433,17 +433,21 @@ def _move_foreign(old: Path, target: Path, own: Iterable[str]) -> list[str]:
     return kept
 
 
-def clean_stale(target: Path, ours: Callable[[Path], set[str]]) -> list[str]:
+def clean_stale(
+    target: Path, ours: Callable[[Path], set[str]], *, keep: Path | None = None
+) -> list[str]:
     """Recover or remove what a killed writer of ``target`` left; return what was done.
 
     Call it holding `writer_lock`. A missing ``target`` with a complete ``.old-*`` copy (a kill
     between two renames) gets it back; entries of a temporary that are not the artifact's own
     (user files moved there during a replacement) go back into ``target``; the artifact's own
     files are removed, and a temporary that still holds something of the user's is left in
-    place with a warning.
+    place with a warning. ``keep`` is the caller's own temporary, left alone.
     """
     done = []
     for stale in stale_siblings(target):
+        if keep is not None and stale.name == keep.name:
+            continue
         if not stale.is_dir() or stale.is_symlink():
             with contextlib.suppress(OSError):
                 stale.unlink()

@@ -105,6 +105,7 @@ def loads(
     allow_nan: bool = False,
     max_bytes: int = MAX_JSON_BYTES,
     max_depth: int = MAX_DEPTH,
+    unreadable: str = "is not readable JSON",
 ) -> Any:
     """Parse ``data`` (UTF-8 bytes or text) strictly; raise ``error`` naming ``what``.
 
@@ -114,6 +115,7 @@ def loads(
         allow_nan: Accept ``NaN`` / ``Infinity`` (State meta, which the reference writes).
         max_bytes: Longest document accepted.
         max_depth: Deepest nesting accepted.
+        unreadable: How messages say the text does not parse.
     """
     if len(data) > max_bytes:
         raise error(f"{what} is {len(data)} bytes; the limit is {max_bytes}", hint=hint)
@@ -121,7 +123,7 @@ def loads(
         try:
             text = bytes(data).decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise error(f"{what} is not UTF-8: {exc}", hint=hint) from None
+            raise error(f"{what} {unreadable} (not UTF-8: {exc})", hint=hint) from None
     else:
         text = data
     try:
@@ -134,9 +136,9 @@ def loads(
         )
         _check_depth(value, max_depth)
     except RecursionError:
-        raise error(f"{what} is not valid JSON: nested too deeply", hint=hint) from None
+        raise error(f"{what} {unreadable}: nested too deeply", hint=hint) from None
     except JsonLimitError as exc:
         raise error(f"{what} is refused: {exc}", hint=hint) from None
     except ValueError as exc:
-        raise error(f"{what} is not valid JSON: {short(str(exc), 160)}", hint=hint) from None
+        raise error(f"{what} {unreadable}: {str(exc)[:160]}", hint=hint) from None
     return value

@@ -316,13 +316,7 @@ def read_config_in(adir: ArtifactDir) -> dict[str, Any]:
             f"{root} has no {CONFIG_FILE}", hint="save checkpoints with model.save_pretrained(dir)"
         )
     raw = adir.read(CONFIG_FILE, what="checkpoint config")
-    try:
-        data = json_loads(raw, what=str(file), error=CheckpointError, hint=_CORRUPT)
-    except CheckpointError as exc:
-        # keep the historical wording for text that does not parse
-        raise CheckpointError(
-            exc.message.replace("is not valid JSON", "is not readable JSON"), hint=_CORRUPT
-        ) from None
+    data = json_loads(raw, what=str(file), error=CheckpointError, hint=_CORRUPT)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(
