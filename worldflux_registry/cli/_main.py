@@ -31,6 +31,7 @@ _CLI_EXTENSIONS: Final = (
     "worldflux_registry.cli._parity",
     "worldflux_registry.cli._bench",
     "worldflux_registry.cli._import",
+    "worldflux_registry.cli._shm",
 )
 
 

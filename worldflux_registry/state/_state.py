@@ -224,9 +224,9 @@ class State:
             return
         self.tensors = {}
         if unlink:
-            from ._shm import unlink as unlink_segment
+            from ._shm import unlink_attached
 
-            unlink_segment({"format": "worldflux.state.shm", "version": "v1", "segment": segment})
+            unlink_attached(segment)
 
     @staticmethod
     def unlink_shared_memory(descriptor: Mapping[str, Any]) -> None:
