@@ -538,6 +538,11 @@ class Registry:
         """Import ``spec.model`` now and build it from a full ``config`` (no weights loaded).
 
         The model keeps ``spec`` as ``model.family_spec``, which its ``io_contract()`` reads.
+
+        Raises:
+            ConfigError: before anything is allocated, a field of the wrong type, a value the
+                family's ``validate_config`` rejects, or more parameters than its ceiling
+                (`FamilySpec.check_config`); and a constructor that fails on the config.
         """
         from ..protocol._model import WorldModel
 
@@ -553,7 +558,18 @@ class Registry:
                 family=spec.name,
                 distribution=spec.distribution,
             )
-        model = cls.from_config(dict(config))
+        spec.check_config(config)  # types, the family's rules, the parameter ceiling
+        try:
+            model = cls.from_config(dict(config))
+        except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as exc:
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                f"family {spec.name!r} could not be built from its config: "
+                f"{type(exc).__name__}: {str(exc)[:300]}",
+                hint="a config value is out of the range the family supports",
+                family=spec.name,
+            ) from exc
         model.preset = preset
         # The base io_contract() reads it, so a model built by an isolated registry (whose
         # family the process-wide one may not know) still has its contract.
