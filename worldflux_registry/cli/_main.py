@@ -297,7 +297,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
     styles = {"ok": "green", "broken": "red", "conflict": "red", "blocked": "yellow"}
     table = Table(title="worldflux_registry plugins", title_justify="left")
-    for column in ("distribution", "version", "entry point", "status", "provides", "error"):
+    for column in ("distribution", "version", "entry point", "status", "load", "provides", "error"):
         table.add_column(column, overflow="fold")
     for r in records:
         style = styles.get(r.status, "")
@@ -306,15 +306,43 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
             r.version or "-",
             r.entry_point,
             f"[{style}]{r.status}[/{style}]" if style else r.status,
+            _load_time(r.seconds),
             ", ".join([*r.families, *r.exporters, *r.importers]) or "-",
             r.error or "",
         )
     console = _console()
     if records:
         console.print(table)
+        slow = [r for r in records if (r.seconds or 0.0) >= SLOW_PLUGIN_SECONDS]
+        if slow:
+            names = ", ".join(
+                f"{r.distribution or r.entry_point} ({r.seconds:.1f} s)" for r in slow
+            )
+            _console(stderr=True).print(
+                f"slow plugins (every command pays their import time): {escape_markup(names)}; "
+                f"block one with WORLDFLUX_REGISTRY_BLOCK=<distribution>"
+            )
     else:
         console.print("no plugins installed (entry point group 'worldflux_registry')")
     return 1 if failed else 0
+
+
+#: A plugin whose import and hooks take this long is reported as slow by ``plugins``.
+SLOW_PLUGIN_SECONDS: Final = 1.0
+
+
+def _load_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    text = f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
+    return f"[red]{text} slow[/red]" if seconds >= SLOW_PLUGIN_SECONDS else text
+
+
+def escape_markup(text: str) -> str:
+    """``text`` with rich markup escaped."""
+    from rich.markup import escape
+
+    return escape(text)
 
 
 # -- parser ----------------------------------------------------------------------------------

@@ -147,12 +147,24 @@ def _with_aliases(
     return tensors
 
 
+def _family_spec(reg: _Builds, family: str, distribution: object) -> FamilySpec:
+    """The installed family; when two distributions claim its name, the one that saved it."""
+    from ..errors import PluginConflictError
+
+    try:
+        return reg.get(family)
+    except PluginConflictError:
+        if not isinstance(distribution, str) or not distribution:
+            raise
+        return reg.get(f"{distribution}::{family}")
+
+
 def _check_config(
     root: Path, data: dict[str, Any], reg: _Builds
 ) -> tuple[FamilySpec, dict[str, Any]]:
     family = data["family"]
     try:
-        spec = reg.get(family)
+        spec = _family_spec(reg, family, data.get("distribution"))
     except WorldFluxRegistryError as exc:
         dist = data.get("distribution")
         installed = "is not installed" if type(exc).__name__ == "ResolutionError" else "failed"

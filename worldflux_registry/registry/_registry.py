@@ -28,7 +28,14 @@ from ..errors import (
     did_you_mean,
 )
 from ._artifact import MANIFEST_FILE, read_artifact_manifest
-from ._discovery import Discovery, PluginRecord, discover, resolve_target
+from ._discovery import (
+    QUALIFIER,
+    Discovery,
+    PluginRecord,
+    discover,
+    normalize,
+    resolve_target,
+)
 from ._load import _place, load_checkpoint
 
 if TYPE_CHECKING:
@@ -176,7 +183,10 @@ class Registry:
         return sorted(names, key=_natural_key)
 
     def get(self, name: str) -> FamilySpec:
-        """The `FamilySpec` of a family name or alias.
+        """The `FamilySpec` of a family name or alias, or of ``distribution::family``.
+
+        ``worldflux-dreamerv3::dreamerv3`` names the family of one distribution even when
+        another distribution claims the same name (which makes the bare name a conflict).
 
         Raises:
             PluginConflictError: two distributions claim ``name`` (both are named).
@@ -184,6 +194,8 @@ class Registry:
             ResolutionError: no plugin provides ``name`` (with the closest names).
         """
         index = self._index()
+        if QUALIFIER in name:
+            return self._get_qualified(index, name)
         spec = index.families.get(name)
         if spec is None and name in index.aliases:
             spec = index.families.get(index.aliases[name])
@@ -200,6 +212,18 @@ class Registry:
             + (", ".join(self.list()) or "none")
             + "; see `worldflux-registry plugins` for plugins that failed to load",
             family=name,
+        )
+
+    def _get_qualified(self, index: Discovery, name: str) -> FamilySpec:
+        dist, _, family = name.partition(QUALIFIER)
+        spec = index.qualified.get(f"{normalize(dist)}{QUALIFIER}{family}")
+        if spec is not None:
+            return spec
+        known = sorted(index.qualified)
+        raise ResolutionError(
+            f"no distribution {dist!r} provides a family named {family!r}."
+            f"{did_you_mean(name, known)}",
+            hint="distribution-qualified refs: " + (", ".join(known) or "none"),
         )
 
     def exporters(self) -> builtins.list[ExporterSpec]:
@@ -327,7 +351,14 @@ class Registry:
         if ref.startswith(FINGERPRINT_PREFIX):
             matches = self.find(ref)
             return self._pick(ref, matches)
-        name, sep, preset = ref.partition(":")
+        qualifier = ""
+        if QUALIFIER in ref:  # "distribution::family[:preset]": reachable despite a conflict
+            dist, _, ref_tail = ref.partition(QUALIFIER)
+            qualifier = dist + QUALIFIER
+        else:
+            ref_tail = ref
+        name, sep, preset = ref_tail.partition(":")
+        name = qualifier + name
         if sep and not preset:
             raise ResolutionError(
                 f"ref {ref!r} names no preset after ':'", hint="use family:preset"
