@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
@@ -411,10 +412,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except WorldFluxRegistryError as exc:
-        from rich.markup import escape
-
-        # Messages carry literal brackets (pip extras, shapes): never read them as markup.
-        _console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        _error(str(exc))
         return 1
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:
+        # A path the command was given cannot be read or written: say which, no traceback.
+        where = f" {exc.filename}" if exc.filename else ""
+        _error(
+            f"{exc.strerror or exc}:{where} (check that the path exists and is writable, "
+            "or choose another one)"
+        )
+        return 1
+    except Exception as exc:  # a bug: one line, and the way to see the traceback
+        if os.environ.get(ENV_DEBUG):
+            raise
+        _error(
+            f"unexpected {type(exc).__name__}: {str(exc)[:300]} (this is a bug in "
+            f"worldflux-registry or a plugin; rerun with {ENV_DEBUG}=1 for the traceback)"
+        )
+        return 1
+
+
+#: Set to 1 to let unexpected exceptions print their traceback.
+ENV_DEBUG: Final = "WORLDFLUX_REGISTRY_DEBUG"
+
+
+def _error(message: str) -> None:
+    # Messages carry literal brackets (pip extras, shapes): never read them as markup.
+    from rich.console import Console
+    from rich.markup import escape
+
+    text = " ".join(message.split("\n"))
+    # soft_wrap: one line however narrow the terminal, so scripts can grep it.
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/red] {escape(text)}", highlight=False)

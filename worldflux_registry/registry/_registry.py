@@ -647,9 +647,16 @@ def _opt_str(value: Any) -> str | None:
 
 
 def _json_format(path: Path) -> Any:
+    """The ``format`` of a JSON file, read confined, bounded and strictly; None if unreadable."""
+    from .._files import ArtifactDir
+    from .._json import loads
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        with ArtifactDir(path.parent, ResolutionError) as adir:
+            data = loads(
+                adir.read(path.name, what="JSON file"), what=str(path), error=ResolutionError
+            )
+    except ResolutionError:
         return None
     return data.get("format") if isinstance(data, dict) else None
 
