@@ -19,6 +19,7 @@ from .._files import (
     MAX_ARTIFACT_FILE_BYTES,
     ArtifactDir,
     clean_stale,
+    default_file_mode,
     replace_dir,
     temp_sibling,
     writer_lock,
@@ -227,6 +228,7 @@ def _write_new(
             "aliases": json.dumps(aliases, sort_keys=True),
         }
         save_file(tensors, str(weights), metadata=metadata)
+        os.chmod(weights, default_file_mode())  # safetensors writes 0600: honour the umask
         document = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

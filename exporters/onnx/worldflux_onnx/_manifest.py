@@ -18,6 +18,7 @@ from worldflux_registry import ExportError, IOContract
 from worldflux_registry.plugin_api import (
     ArtifactDir,
     clean_stale,
+    default_file_mode,
     load_json,
     read_artifact_manifest,
     replace_dir,
@@ -227,6 +228,10 @@ def install(tmp: Path, out: Path, *, overwrite: bool = True) -> list[str]:
     ``out`` may be replaced, then `replace_dir` (entries of the old directory that are not the
     export's own are kept). Returns the names kept.
     """
+    mode = default_file_mode()
+    for entry in tmp.iterdir():  # writers that use mkstemp leave 0600: honour the umask
+        if entry.is_file() and not entry.is_symlink():
+            os.chmod(entry, mode)
     with writer_lock(out, ExportError, "export"):
         clean_stale(out, export_files, keep=tmp)
         check_replaceable(out, overwrite=overwrite)
