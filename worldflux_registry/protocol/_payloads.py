@@ -369,7 +369,7 @@ class LossOutput:
 
 def _batch_or_none(state: Any) -> int | None:
     try:
-        return int(state.batch_size)
+        return state.batch_size  # type: ignore[no-any-return]
     except StateError:
         return None
 
@@ -434,12 +434,12 @@ class Trajectory:
     @property
     def horizon(self) -> int:
         """Prediction horizon (number of actions)."""
-        return int(self.actions.shape[0])
+        return dim(self.actions.shape[0])
 
     @property
     def batch_size(self) -> int:
         """The batch size of the states (raises `StateError` when the states hold none)."""
-        return int(self.states[0].batch_size)
+        return self.states[0].batch_size
 
     def to_tensor(self, key: str) -> Tensor:
         """Stack a specific state tensor key across time [T+1, batch, ...].
