@@ -31,9 +31,11 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 from .errors import WorldFluxRegistryError
+
+T = TypeVar("T")
 
 __all__ = [
     "MAX_ARTIFACT_FILE_BYTES",
@@ -43,6 +45,7 @@ __all__ = [
     "check_plain_name",
     "clean_stale",
     "default_file_mode",
+    "read_consistent",
     "replace_dir",
     "stale_siblings",
     "temp_sibling",
@@ -151,6 +154,16 @@ class ArtifactDir:
         if self._fd is None:
             raise ValueError("no directory descriptor on this platform")
         return self._fd
+
+    def replaced(self) -> bool:
+        """Whether ``root`` now names another directory than the one opened (a writer swapped
+        a new version in); False where directories are not opened."""
+        if self._fd is None:
+            return False
+        try:
+            return os.stat(self.root).st_ino != os.fstat(self._fd).st_ino
+        except OSError:
+            return True
 
     def exists(self, name: str) -> bool:
         """Whether an entry ``name`` (of any type) is in the directory."""
@@ -267,6 +280,25 @@ class ArtifactDir:
                 f"{what} {self.root / str(name)} is {size} bytes; the limit is {max_bytes}",
                 hint="see docs/threat-model.md for the size limits",
             )
+
+
+def read_consistent(
+    root: str | os.PathLike[str],
+    error: type[WorldFluxRegistryError],
+    read: Callable[[ArtifactDir], T],
+    attempts: int = 8,
+) -> T:
+    """``read(artifact_dir)`` on one opened version of ``root``; retried on the new version
+    when it raised ``error`` because a writer swapped the directory while it read."""
+    for attempt in range(attempts):
+        with ArtifactDir(root, error) as adir:
+            try:
+                return read(adir)
+            except error:
+                if attempt < attempts - 1 and adir.replaced():
+                    continue
+                raise
+    raise AssertionError("unreachable")
 
 
 def _kind(mode: int) -> str:

@@ -20,6 +20,7 @@ from .._files import (
     ArtifactDir,
     clean_stale,
     default_file_mode,
+    read_consistent,
     replace_dir,
     temp_sibling,
     writer_lock,
@@ -302,8 +303,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
             f"checkpoint directory {root} does not exist",
             hint="check the path, or save one with model.save_pretrained(dir)",
         )
-    with ArtifactDir(root, CheckpointError) as adir:
-        return read_config_in(adir)
+    return read_consistent(root, CheckpointError, read_config_in)
 
 
 _CORRUPT = "the checkpoint is corrupt; save it again"

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .._files import ArtifactDir
+from .._files import read_consistent
 from .._json import loads as load_json
 from ..errors import ResolutionError, WorldFluxRegistryError
 
@@ -37,8 +37,9 @@ def read_artifact_manifest(
             f"{directory} is not an export directory (no {MANIFEST_FILE})",
             hint="pass the directory written by export(model, format, dir)",
         )
-    with ArtifactDir(directory, error) as adir:
-        raw = adir.read(MANIFEST_FILE, what="export manifest")
+    raw = read_consistent(
+        directory, error, lambda adir: adir.read(MANIFEST_FILE, what="export manifest")
+    )
     data = load_json(raw, what=str(path), error=error, hint=_REEXPORT)
     if not isinstance(data, dict):
         raise error(f"{path} holds {type(data).__name__}, not a JSON object", hint=_REEXPORT)

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .._files import ArtifactDir, clean_stale, stale_siblings, writer_lock
+from .._files import ArtifactDir, clean_stale, read_consistent, stale_siblings, writer_lock
 from ..checkpoint._format import (
     WEIGHTS_FILE,
     _check_tensors,
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ..contract._family import FamilySpec
     from ..protocol._model import WorldModel
 
-__all__ = ["load_checkpoint"]
+__all__ = ["load_checkpoint", "recover"]
 
 
 class _Builds(Protocol):
@@ -63,30 +63,18 @@ def load_checkpoint(
     and only when it is a regular file inside the directory.
     """
     root = Path(path)
-    _recover(root)
-    for attempt in range(8):
-        with ArtifactDir(root, CheckpointError) as adir:
-            try:
-                data, spec, config, tensors = _read_checkpoint(adir, registry)
-            except CheckpointError:
-                if attempt < 7 and _replaced(adir):
-                    continue  # a writer swapped the directory mid-read: read the new one
-                raise
-        break
+    recover(root)
+    # one opened version of the directory; re-read when a writer swapped it mid-read
+    data, spec, config, tensors = read_consistent(
+        root, CheckpointError, lambda adir: _read_checkpoint(adir, registry)
+    )
     model = registry.build(spec, config, preset=data.get("preset"))
     _check_tensors(root, model.state_dict(), tensors)
     model.load_state_dict(tensors, strict=True)
     return _place(model, device, dtype).eval()
 
 
-def _replaced(adir: ArtifactDir) -> bool:
-    try:
-        return os.stat(adir.root).st_ino != os.fstat(adir.fileno()).st_ino
-    except (OSError, ValueError):
-        return False
-
-
-def _recover(root: Path) -> None:
+def recover(root: Path) -> None:
     """A checkpoint lost by a writer killed mid-replacement is put back before reading."""
     if os.path.lexists(root) or not stale_siblings(root):
         return

@@ -36,7 +36,7 @@ from ._discovery import (
     normalize,
     resolve_target,
 )
-from ._load import _place, load_checkpoint
+from ._load import _place, load_checkpoint, recover
 
 if TYPE_CHECKING:
     import torch
@@ -461,6 +461,8 @@ class Registry:
         )
 
     def _resolve_path(self, path: Path, ref: str) -> Resolved:
+        if not path.is_dir():
+            recover(path)  # a checkpoint a killed writer left aside is put back first
         if not path.is_dir():
             what = "is not a directory" if path.exists() else "does not exist"
             raise ResolutionError(

@@ -6,6 +6,7 @@ every file it names is a plain name inside the export directory, opened only as 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ from worldflux_registry.plugin_api import (
     default_file_mode,
     load_json,
     read_artifact_manifest,
+    read_consistent,
     replace_dir,
     writer_lock,
 )
@@ -38,6 +40,7 @@ __all__ = [
     "hash_files",
     "install",
     "read_manifest",
+    "read_verified",
     "sha256_file",
     "write_json_atomic",
 ]
@@ -245,13 +248,31 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def hash_files(directory: Path, graphs: Mapping[str, Any]) -> None:
+def read_verified(directory: Path) -> tuple[dict[str, Any], IOContract]:
+    """`read_manifest` and `hash_files` through one opened directory, so both see one version.
+
+    An export swapped in by a concurrent writer while this reads is seen whole or not at all:
+    a read that raced a replacement (the directory at ``directory`` is no longer the one
+    opened) is retried on the new one.
+    """
+
+    def read(adir: ArtifactDir) -> tuple[dict[str, Any], IOContract]:
+        manifest, contract = read_manifest(directory, adir)
+        hash_files(directory, manifest["graphs"], adir)
+        return manifest, contract
+
+    return read_consistent(directory, ExportError, read)
+
+
+def hash_files(
+    directory: Path, graphs: Mapping[str, Any], opened: ArtifactDir | None = None
+) -> None:
     """Check every file the manifest lists against its sha256, confined and bounded.
 
     Each is opened by plain name inside ``directory`` as a regular file (a symlink only when
     it stays inside); nothing is opened or hashed before that check.
     """
-    with ArtifactDir(directory, ExportError) as adir:
+    with contextlib.nullcontext(opened) if opened else ArtifactDir(directory, ExportError) as adir:
         for graph, entry in graphs.items():
             for item in [entry, *entry.get("external_data", ())]:
                 name = item["file"]
@@ -271,7 +292,9 @@ def hash_files(directory: Path, graphs: Mapping[str, Any]) -> None:
                     )
 
 
-def read_manifest(directory: Path) -> tuple[dict[str, Any], IOContract]:
+def read_manifest(
+    directory: Path, opened: ArtifactDir | None = None
+) -> tuple[dict[str, Any], IOContract]:
     """Read and check the manifest of an export directory; return it with its contract.
 
     Raises:
@@ -279,7 +302,14 @@ def read_manifest(directory: Path) -> tuple[dict[str, Any], IOContract]:
             contract document that does not parse.
     """
     path = directory / MANIFEST
-    manifest = read_artifact_manifest(directory, ExportError)  # file, JSON, object, format
+    if opened is None:
+        manifest = read_artifact_manifest(directory, ExportError)  # file, JSON, object, format
+    else:
+        manifest = load_json(
+            opened.read(MANIFEST, what="export manifest"), what=str(path), error=ExportError
+        )
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("format"), str):
+            raise _fail(path, "is not a JSON object naming its format")
     if manifest["format"] != FORMAT:
         raise ExportError(
             f"{path} has format {str(manifest['format'])[:80]!r}, expected {FORMAT!r}",

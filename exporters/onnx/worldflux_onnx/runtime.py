@@ -37,7 +37,7 @@ from ._graphs import (
     signature,
     without_unused_conditions,
 )
-from ._manifest import META_FINGERPRINT, META_GRAPH, hash_files, read_manifest
+from ._manifest import META_FINGERPRINT, META_GRAPH, read_verified
 from ._providers import ProviderPlan, resolve_providers
 
 __all__ = ["OnnxWorldModel", "load_artifact"]
@@ -131,7 +131,8 @@ def load_artifact(
         else:
             raise BackendError(f"no ONNX Runtime provider for device {device!r}")
     directory = Path(path)
-    manifest, contract = read_manifest(directory)
+    # manifest schema and every file's sha256, through one opened directory
+    manifest, contract = read_verified(directory)
     fingerprint = manifest["fingerprint"]
     if contract.fingerprint() != fingerprint:
         raise ExportError(
@@ -140,7 +141,6 @@ def load_artifact(
             hint="the manifest was edited; re-export the model",
         )
     graphs: dict[str, Any] = manifest["graphs"]
-    hash_files(directory, graphs)  # confined, regular files only, before anything is loaded
     precision = manifest.get("precision", "fp32")
     plan = resolve_providers(
         providers,
