@@ -167,7 +167,8 @@ def check_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
             raise _fail(
                 path, f"records horizon {str(entry['horizon'])[:40]!r} for {graph!r}", graph
             )
-        if "mode_of" in entry and entry["mode_of"] not in graphs:
+        mode_of = entry.get("mode_of")
+        if "mode_of" in entry and (not isinstance(mode_of, str) or mode_of not in graphs):
             raise _fail(path, f"says {graph!r} is the mode of an unlisted graph", graph)
 
 
