@@ -23,6 +23,7 @@ from ..contract._io import Capability, IOContract
 from ..errors import (
     AmbiguousReferenceError,
     ConfigError,
+    PluginConflictError,
     ResolutionError,
     WorldFluxRegistryError,
     did_you_mean,
@@ -213,6 +214,15 @@ class Registry:
             + "; see `worldflux-registry plugins` for plugins that failed to load",
             family=name,
         )
+
+    def _spec_of(self, resolved: Resolved) -> FamilySpec:
+        """The spec a resolution names: by distribution when its bare name is a conflict."""
+        try:
+            return self.get(resolved.family or "")
+        except PluginConflictError:
+            if not resolved.distribution:
+                raise
+            return self.get(f"{resolved.distribution}{QUALIFIER}{resolved.family}")
 
     def _get_qualified(self, index: Discovery, name: str) -> FamilySpec:
         dist, _, family = name.partition(QUALIFIER)
@@ -552,7 +562,7 @@ class Registry:
         elif resolved.kind == "artifact":
             model = self._load_artifact(resolved, device, dtype, config_overrides)
         else:
-            spec = self.get(resolved.family or "")
+            spec = self._spec_of(resolved)
             config = spec.config(resolved.preset, **config_overrides)
             model = self.build(spec, config, preset=resolved.preset, device=device, dtype=dtype)
         if validate is not None:
