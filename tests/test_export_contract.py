@@ -50,7 +50,7 @@ def test_channels_first_decode_output_is_an_export_error(wrong, tmp_path):
 
 def test_float64_decode_output_is_an_export_error(wrong, tmp_path):
     model = built(wrong, "float64", validate=False)
-    with pytest.raises(ExportError, match="dtype float64.*declares .* float32") as info:
+    with pytest.raises(ExportError, match=r"dtype float64.*declares .* float32") as info:
         export(model, "onnx", tmp_path / "out", check=False)
     assert info.value.output == "pred.image"
 
@@ -98,7 +98,7 @@ def test_discrete_labels_are_checked_against_their_classes(wrong):
         "reward": torch.zeros(2, 6, 1),
     }
     model.validate_batch_contract(good)
-    with pytest.raises(ContractError, match="label 7, outside 0..4"):
+    with pytest.raises(ContractError, match=r"label 7, outside 0\.\.4"):
         model.validate_batch_contract({**good, "action": torch.full((2, 6), 7)})
     with pytest.raises(ContractError, match="label -1"):
         model.validate_batch_contract({**good, "action": torch.full((2, 6), -1)})
@@ -118,5 +118,5 @@ def test_int32_labels_are_cast_for_an_int64_contract_by_both_backends(wrong, tmp
         want = model.transition(state, labels.long())["h"]
         assert torch.equal(model.transition(state, labels)["h"], want)
         torch.testing.assert_close(candidate.transition(state, labels)["h"], want)
-    with pytest.raises(ContractError, match="dtype torch.float32, expected torch.int64"):
+    with pytest.raises(ContractError, match=r"dtype torch\.float32, expected torch\.int64"):
         candidate.transition(state, labels.float())

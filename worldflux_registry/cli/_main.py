@@ -289,8 +289,24 @@ def _cmd_resolve(args: argparse.Namespace) -> int:
 
 # -- plugins ---------------------------------------------------------------------------------
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    records = _registry().plugins()
+    reg = _registry()
+    records = reg.plugins()
     failed = any(r.status in ("broken", "conflict") for r in records)
+    if getattr(args, "strict", False):
+        # --strict: also import every family's model class (a broken model module fails here)
+        from ..errors import WorldFluxRegistryError
+        from ..registry._discovery import check_model_target
+
+        for name in reg.list():
+            try:
+                check_model_target(reg.get(name))
+            except WorldFluxRegistryError as exc:
+                from rich.markup import escape
+
+                failed = True
+                _console(stderr=True).print(
+                    f"[red]error:[/red] {escape(str(exc))}", highlight=False
+                )
     if args.json:
         _print_json([r.to_dict() for r in records])
         return 1 if failed else 0
@@ -387,6 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", help="show every plugin and whether it loaded (exit 1 if not)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="also import each family's model class (imports torch); exit 1 if one fails",
+    )
     p.set_defaults(func=_cmd_plugins)
 
     for name in _CLI_EXTENSIONS:

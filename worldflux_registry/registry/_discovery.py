@@ -360,7 +360,17 @@ def discover(
                     hint=f"strict discovery is on ({ENV_STRICT}=1)",
                     distribution=record.distribution,
                 )
+        # A plugin module can load while its model module cannot: strict mode imports each
+        # family's model class now (torch and the model code), as building a model would.
+        for spec in result.families.values():
+            check_model_target(spec)
     return result
+
+
+def check_model_target(spec: Any) -> None:
+    """Import the model class ``spec.model`` names; raise `PluginError` naming the family,
+    the target and the import failure (what strict discovery and ``plugins --strict`` run)."""
+    resolve_target(spec.model, what=f"family {spec.name!r} model", distribution=spec.distribution)
 
 
 def _load_one(pm: pluggy.PluginManager, cand: _Candidate) -> object | None:
