@@ -129,7 +129,7 @@ def check_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
     ``mode_of`` (a graph name).
     """
     version = manifest.get("format_version")
-    if not _is_int(version) or version < 1:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise _fail(path, f"has invalid format_version {str(version)[:40]!r}")
     if version > FORMAT_VERSION:
         raise ExportError(
