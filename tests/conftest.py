@@ -29,6 +29,9 @@ from pathlib import Path
 
 import pytest
 
+# The public conformance kit (worldflux_registry.testing), as a family's own conftest uses it.
+pytest_plugins = ["worldflux_registry.testing"]
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 GOOD = ("wf-fixture-good",)

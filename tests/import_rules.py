@@ -20,6 +20,7 @@ LAYERS: Mapping[str, int] = {
     "errors": 0,
     "_dims": 0,
     "_files": 0,
+    "_json": 0,
     "_torch_env": 0,
     "functional": 0,
     "state": 1,

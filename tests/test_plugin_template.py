@@ -14,9 +14,14 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import synthetic_env as se  # noqa: E402
-from test_conformance import Case, Steps, assert_outputs_follow_contract, trainable  # noqa: E402
 
 from worldflux_registry import Capability, Registry  # noqa: E402
+from worldflux_registry.testing import (  # noqa: E402
+    Case,
+    Steps,
+    assert_outputs_follow_contract,
+    trainable,
+)
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "examples" / "plugin-template"
 
@@ -121,3 +126,21 @@ def test_template_learns_and_round_trips_a_checkpoint(template_registry, tmp_pat
     obs = {"vector": held_out["vector"][:, 0]}
     with torch.no_grad():
         assert torch.equal(model.encode(obs)["latent"], loaded.encode(obs)["latent"])
+
+
+def test_template_runs_the_conformance_kit_in_its_own_tests(template_site, tmp_path):
+    """The template's own test suite (conftest + one import) runs the kit and passes."""
+    source = tmp_path / "template"
+    shutil.copytree(TEMPLATE, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(template_site), *sys.path])}
+    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-p", "no:xdist"]
+    done = subprocess.run(cmd, cwd=source, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    for check in (
+        "test_outputs_have_the_declared_keys_shapes_and_dtypes[mymlp:base] PASSED",
+        "test_checkpoint_round_trips[mymlp:tiny] PASSED",
+        "test_export_passes_parity[mymlp:tiny] PASSED",
+        "test_plugins_load_strictly PASSED",
+    ):
+        assert check in done.stdout, done.stdout[-4000:]
+    assert "dreamerv3" not in done.stdout  # worldflux_families narrowed it to mymlp

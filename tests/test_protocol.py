@@ -80,7 +80,7 @@ def test_default_rollout_stacks_predictions_and_keeps_the_invariant(model):
     state = model.encode(torch.randn(5, 3))
     actions = torch.rand(7, 5, 2) * 2 - 1
     traj = model.rollout(state, actions, deterministic=True)
-    assert len(traj.states) == 8 and len(traj) == 7
+    assert len(traj.states) == 8 and len(traj) == 8 and traj.horizon == 7
     assert traj.rewards.shape == (7, 5)
     assert traj.predictions["vector"].shape == (7, 5, 3)
     # Step t of the rollout is exactly transition + decode from step t-1.
@@ -161,7 +161,7 @@ def test_inputs_accept_payloads_and_the_async_variants_agree(model):
     out = model.sample_step(s1, action, deterministic=True)
     torch.testing.assert_close(out.state["h"], t1["h"])
     traj = asyncio.run(model.async_rollout(s1, torch.zeros(2, 2, 2), deterministic=True))
-    assert len(traj) == 2
+    assert traj.horizon == 2
 
 
 def test_contract_fingerprint_comes_from_the_contract(model):
@@ -176,9 +176,8 @@ def test_contract_fingerprint_comes_from_the_contract(model):
             ActionPayload(kind="continuous", tensor=torch.zeros(1), discrete=torch.zeros(1)),
             "several primary fields",
         ),
-        (ActionPayload(kind="discrete", tensor=torch.zeros(1)), "needs field 'discrete'"),
+        (ActionPayload(kind="continuous", tokens=torch.zeros(1)), "takes field tensor"),
         (ActionPayload(kind="none", text=["go"]), "kind 'none' but field 'text'"),
-        (ActionPayload(kind="none", extras={"speed": 1}), "not namespaced"),
     ],
 )
 def test_action_payload_validation(payload, needle):
@@ -195,7 +194,7 @@ def test_action_payload_api_version_is_checked():
 
 def test_condition_payload_warns_when_lax_and_raises_when_strict():
     payload = ConditionPayload({"goal": 1, "wf.goal.pos": torch.zeros(2, 3)})
-    with pytest.warns(UserWarning, match="'goal' is not namespaced"):
+    with pytest.warns(DeprecationWarning, match="'goal' is not namespaced"):
         problems = payload.validate()
     assert len(problems) == 1
     with pytest.raises(ContractError, match="not namespaced"):

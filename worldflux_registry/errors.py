@@ -4,6 +4,9 @@ Every error the library raises on bad input derives from :class:`WorldFluxRegist
 
     WorldFluxRegistryError
      ├── ContractError           a contract, payload, batch or state disagrees with its declaration
+     │    ├── ShapeMismatchError      tensors whose (batch) shapes disagree
+     │    └── StateError              a State or Trajectory is inconsistent (empty, wrong length)
+     │         └── StateFormatError   a State payload is malformed (also a ValueError)
      ├── CapabilityError         the model does not advertise the capability asked for
      ├── PluginError             a plugin failed to import, raised in a hook, or gave a bad spec
      │    └── PluginConflictError    two distributions claim the same family name or alias
@@ -11,7 +14,6 @@ Every error the library raises on bad input derives from :class:`WorldFluxRegist
      │    └── AmbiguousReferenceError a fingerprint prefix matches several presets
      ├── ConfigError             a config override names an unknown field
      ├── CheckpointError         a checkpoint directory is missing, corrupt or incompatible
-     ├── StateFormatError        a State payload is malformed (also a ValueError)
      ├── ExportError             an exporter failed or an export artifact is invalid
      ├── BackendError            a runtime backend (provider, library) is unavailable
      └── ParityError             a parity check could not run
@@ -19,6 +21,12 @@ Every error the library raises on bad input derives from :class:`WorldFluxRegist
 Messages say what was wrong, with the offending value, and what to do next. Structured fields
 (``family``, ``distribution``, ``graph``, ``output``, ``hint``) are kept on the instance so that
 callers need not parse messages.
+
+WorldFlux's exception names are here too, so that ``except`` clauses written for WorldFlux keep
+working: `StateError`, `ShapeMismatchError` (classes of this hierarchy), and the aliases
+``ValidationError`` and ``ContractValidationError`` (= `ContractError`), ``ModelNotFoundError``
+(= `ResolutionError`) and ``ConfigurationError`` (= `ConfigError`). `CapabilityError` has the
+same name in both.
 """
 
 from __future__ import annotations
@@ -33,13 +41,19 @@ __all__ = [
     "CapabilityError",
     "CheckpointError",
     "ConfigError",
+    "ConfigurationError",
     "ContractError",
+    "ContractValidationError",
     "ExportError",
+    "ModelNotFoundError",
     "ParityError",
     "PluginConflictError",
     "PluginError",
     "ResolutionError",
+    "ShapeMismatchError",
+    "StateError",
     "StateFormatError",
+    "ValidationError",
     "WorldFluxRegistryError",
     "did_you_mean",
 ]
@@ -71,6 +85,38 @@ class ContractError(WorldFluxRegistryError, ValueError):
     """A contract, payload, batch or state disagrees with its declaration."""
 
 
+class ShapeMismatchError(ContractError):
+    """Tensors whose shapes disagree (WorldFlux's ``ShapeMismatchError``).
+
+    ``expected`` and ``got`` (when given) are kept on the instance and appended to the message,
+    as WorldFlux does: ``ShapeMismatchError("batch mismatch", expected=(3,), got=(2,))``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        expected: tuple[Any, ...] | None = None,
+        got: tuple[Any, ...] | None = None,
+        *,
+        hint: str | None = None,
+        **fields: Any,
+    ) -> None:
+        self.expected = expected
+        self.got = got
+        if expected is not None and got is not None:
+            message = f"{message} (expected {expected}, got {got})"
+        super().__init__(message, hint=hint, **fields)
+
+
+class StateError(ContractError):
+    """A `State` or `Trajectory` is inconsistent (WorldFlux's ``StateError``).
+
+    Raised for a State with no tensors where a batch size is needed, and for a Trajectory whose
+    states, actions and predictions disagree in length or batch. `StateFormatError` (a malformed
+    serialized State) derives from it, as WorldFlux raises ``StateError`` for both.
+    """
+
+
 class CapabilityError(WorldFluxRegistryError):
     """The model does not advertise the capability that was asked for."""
 
@@ -99,7 +145,7 @@ class CheckpointError(WorldFluxRegistryError):
     """A checkpoint directory is missing, corrupt, or incompatible with what is installed."""
 
 
-class StateFormatError(WorldFluxRegistryError, ValueError):
+class StateFormatError(StateError):
     """A serialized State payload is malformed, or a State cannot be serialized."""
 
 
@@ -113,6 +159,16 @@ class BackendError(WorldFluxRegistryError):
 
 class ParityError(WorldFluxRegistryError):
     """A parity check could not be run (not raised for a failing comparison: see the report)."""
+
+
+#: WorldFlux's name for a failed runtime or contract validation: `ContractError`.
+ValidationError = ContractError
+#: WorldFlux's name for an I/O contract violation: `ContractError`.
+ContractValidationError = ContractError
+#: WorldFlux's name for an unknown model: `ResolutionError`.
+ModelNotFoundError = ResolutionError
+#: WorldFlux's name for an invalid configuration: `ConfigError`.
+ConfigurationError = ConfigError
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:

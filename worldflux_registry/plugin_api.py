@@ -4,7 +4,10 @@ The top level (`worldflux_registry`) holds what users call: the registry, `World
 payloads, `State`, the contract and the errors. This module adds what a plugin author needs to
 implement the protocol or an exporter: the input type aliases the protocol's methods accept,
 the per-step slice of side conditions, the example-input builders the exporter and parity use,
-the export-manifest reader and the export's parity check. Plugins import only from here, the top
+the export-manifest reader and the export's parity check, and the artifact file primitives every
+writer and reader of an artifact directory uses (`ArtifactDir` confined bounded reads,
+`replace_dir` / `writer_lock` / `clean_stale` atomic replacement, `load_json` the strict JSON
+reader; see docs/threat-model.md). Plugins import only from here, the top
 level, `worldflux_registry.functional` and `worldflux_registry.hookspecs`; the private modules
 behind these names may move between releases.
 
@@ -16,6 +19,20 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._files import (
+    MAX_ARTIFACT_FILE_BYTES,
+    MAX_JSON_FILE_BYTES,
+    ArtifactDir,
+    atomic_write,
+    check_plain_name,
+    clean_stale,
+    default_file_mode,
+    read_consistent,
+    replace_dir,
+    temp_sibling,
+    writer_lock,
+)
+from ._json import loads as load_json
 from .registry._artifact import MANIFEST_FILE, read_artifact_manifest
 
 if TYPE_CHECKING:
@@ -35,8 +52,20 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MANIFEST_FILE",
+    "MAX_ARTIFACT_FILE_BYTES",
+    "MAX_JSON_FILE_BYTES",
     "ActionLike",
+    "ArtifactDir",
     "ObsLike",
+    "atomic_write",
+    "check_plain_name",
+    "clean_stale",
+    "default_file_mode",
+    "load_json",
+    "read_consistent",
+    "replace_dir",
+    "temp_sibling",
+    "writer_lock",
     "check_export",
     "conditions_payload",
     "encode_input",

@@ -10,11 +10,22 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from .._files import (
+    MAX_ARTIFACT_FILE_BYTES,
+    ArtifactDir,
+    clean_stale,
+    default_file_mode,
+    read_consistent,
+    replace_dir,
+    temp_sibling,
+    writer_lock,
+)
+from .._json import loads as json_loads
 from ..contract._family import FamilySpec
 from ..contract._io import IOContract
 from ..contract._locate import FamilyLookup, locate_family
@@ -136,13 +147,17 @@ def save_pretrained(
 
     The directory gets ``config.json`` (format, family, versions, config, contract,
     fingerprint, weights sha256) and ``model.safetensors`` (fingerprint and family also in
-    its metadata). It is built in a temporary sibling directory and renamed into place; an
-    existing checkpoint at ``path`` is replaced only once the new one is complete. An imported
-    checkpoint also records ``provenance`` (`ImportedCheckpoint.provenance`).
+    its metadata). It is built in a temporary sibling directory and swapped into place in one
+    atomic step (Linux ``renameat2``): a concurrent reader sees the old checkpoint or the new
+    one. Files in an existing checkpoint directory that are not the checkpoint's own
+    (``README.md``, ``runs/``...) are kept. One writer at a time (a lock file beside it);
+    temporaries a killed writer left are recovered or removed first. An imported checkpoint
+    also records ``provenance`` (`ImportedCheckpoint.provenance`).
 
     Raises:
-        CheckpointError: the model has no family, its config is not JSON, or ``path`` exists
-            and is not a checkpoint directory (it is never overwritten).
+        CheckpointError: the model has no family, its config is not JSON, ``path`` exists and
+            is not a checkpoint directory (it is never overwritten), or another process is
+            saving to ``path`` now.
     """
     import torch
     from safetensors.torch import save_file
@@ -153,9 +168,7 @@ def save_pretrained(
             f"{type(model).__name__} declares no family",
             hint="set the class attribute 'family' so the checkpoint can be loaded back",
         )
-    _check_replaceable(target)
     contract = model.io_contract()
-    fingerprint = contract.fingerprint()
     family_version, distribution, distribution_version = _family_record(model, registry)
     try:
         config = json.loads(json.dumps(dict(model.config), allow_nan=False))
@@ -170,7 +183,41 @@ def save_pretrained(
         versions[distribution] = distribution_version
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
+    with writer_lock(target, CheckpointError, "checkpoint"):
+        clean_stale(target, _own_files)
+        _check_replaceable(target)
+        _write_new(
+            model,
+            target,
+            contract,
+            config,
+            versions,
+            family_version,
+            distribution,
+            provenance,
+            save_file,
+        )
+    return target
+
+
+def _own_files(directory: Path) -> set[str]:
+    """The entries of a checkpoint directory that are the checkpoint's (the rest is kept)."""
+    return {CONFIG_FILE, WEIGHTS_FILE}
+
+
+def _write_new(
+    model: _Saveable,
+    target: Path,
+    contract: IOContract,
+    config: dict[str, Any],
+    versions: dict[str, Any],
+    family_version: str | None,
+    distribution: str | None,
+    provenance: Mapping[str, Any] | None,
+    save_file: Any,
+) -> None:
+    fingerprint = contract.fingerprint()
+    tmp = temp_sibling(target)
     tmp.mkdir()
     try:
         tensors, aliases = _dedupe(model.state_dict())
@@ -182,6 +229,7 @@ def save_pretrained(
             "aliases": json.dumps(aliases, sort_keys=True),
         }
         save_file(tensors, str(weights), metadata=metadata)
+        os.chmod(weights, default_file_mode())  # safetensors writes 0600: honour the umask
         document = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -202,77 +250,86 @@ def save_pretrained(
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        _swap_into_place(tmp, target)
+        _fsync_dir(tmp)
+        replace_dir(tmp, target, _own_files, error=CheckpointError)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _check_replaceable(target: Path) -> None:
-    if not target.exists():
+    if not os.path.lexists(target):
         return
-    if not target.is_dir():
-        raise CheckpointError(f"{target} exists and is not a directory", hint="choose another path")
+    if target.is_symlink() or not target.is_dir():
+        raise CheckpointError(
+            f"{target} exists and is not a directory; refusing to replace it",
+            hint="choose another path",
+        )
     if not any(target.iterdir()):
         return
-    config = target / CONFIG_FILE
     try:
-        is_checkpoint = json.loads(config.read_text(encoding="utf-8")).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        is_checkpoint = False
-    if not is_checkpoint:
+        read_config(target)
+    except CheckpointError as exc:
         raise CheckpointError(
-            f"{target} exists and is not a worldflux checkpoint; refusing to replace it",
+            f"{target} exists and is not a worldflux checkpoint; refusing to replace it "
+            f"({exc.message})",
             hint="choose an empty or new directory",
-        )
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    # Move the old directory aside first: a failure before the new one is in place puts it back.
-    backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
-    os.replace(target, backup)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(backup, target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
+        ) from None
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    """The checked ``config.json`` of the checkpoint directory ``path`` (torch-free)."""
+    """The checked ``config.json`` of the checkpoint directory ``path`` (torch-free).
+
+    The file is read confined and bounded (a regular file of at most 16 MiB, see
+    docs/threat-model.md) by the strict JSON reader (no duplicate keys, bounded depth and
+    numbers). Raises `CheckpointError` naming the problem and the next step.
+    """
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(
             f"checkpoint directory {root} does not exist",
             hint="check the path, or save one with model.save_pretrained(dir)",
         )
+    return read_consistent(root, CheckpointError, read_config_in)
+
+
+_CORRUPT = "the checkpoint is corrupt; save it again"
+
+
+def read_config_in(adir: ArtifactDir) -> dict[str, Any]:
+    """`read_config` of an already opened checkpoint directory."""
+    root = adir.root
     file = root / CONFIG_FILE
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not adir.exists(CONFIG_FILE):
         raise CheckpointError(
             f"{root} has no {CONFIG_FILE}", hint="save checkpoints with model.save_pretrained(dir)"
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(
-            f"{file} is not readable JSON: {exc}", hint="the checkpoint is corrupt; save it again"
-        ) from None
+        )
+    raw = adir.read(CONFIG_FILE, what="checkpoint config")
+    data = json_loads(raw, what=str(file), error=CheckpointError, hint=_CORRUPT)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(
-            f"{file} is not a worldflux checkpoint (format {found!r}, expected {FORMAT!r})",
+            f"{file} is not a worldflux checkpoint (format {str(found)[:80]!r}, "
+            f"expected {FORMAT!r})",
             hint="save checkpoints with model.save_pretrained(dir)",
         )
     version = data.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise CheckpointError(
-            f"{file} has invalid format_version {version!r}",
-            hint="the checkpoint is corrupt; save it again",
+            f"{file} has invalid format_version {str(version)[:40]!r}", hint=_CORRUPT
         )
     if version > FORMAT_VERSION:
         raise CheckpointError(
@@ -283,25 +340,71 @@ def read_config(path: str | Path) -> dict[str, Any]:
     for key, kind in (("family", str), ("config", dict), ("fingerprint", str), ("weights", dict)):
         if not isinstance(data.get(key), kind):
             raise CheckpointError(
-                f"{file} has no valid {key!r} (found {data.get(key)!r})",
-                hint="the checkpoint is corrupt; save it again",
+                f"{file} has no valid {key!r} (found {str(data.get(key))[:80]!r})", hint=_CORRUPT
             )
+    weights = data["weights"]
+    if not isinstance(weights.get("file", WEIGHTS_FILE), str) or not isinstance(
+        weights.get("sha256"), str
+    ):
+        raise CheckpointError(f"{file} has no valid weights file and sha256", hint=_CORRUPT)
+    aliases = weights.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
+    ):
+        raise CheckpointError(f"{file} has invalid weights aliases", hint=_CORRUPT)
     return data
 
 
-def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+#: Largest safetensors header read (names, dtypes, shapes, metadata): 64 MiB.
+MAX_SAFETENSORS_HEADER: int = 64 * 1024 * 1024
+
+
+def read_weights_in(
+    adir: ArtifactDir, name: str, sha256: str
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and metadata of the weights file ``name``, checked against ``sha256`` first.
+
+    The name must be plain (no directory part) and the file regular; its bytes are read once
+    (at most `MAX_ARTIFACT_FILE_BYTES`), hashed, and only then parsed, so what is loaded is
+    what was hashed. Nothing outside the directory is opened or hashed.
+    """
+    blob = adir.read(name, what="weights file", max_bytes=MAX_ARTIFACT_FILE_BYTES)
+    digest = hashlib.sha256(blob).hexdigest()
+    path = adir.root / name
+    if digest != sha256:
+        raise CheckpointError(
+            f"{path} has sha256 {digest}, but config.json records {sha256[:80]}",
+            hint="the weights are corrupt or were modified; save the checkpoint again",
+        )
+    metadata = _safetensors_metadata(blob, path)
+    from safetensors.torch import load
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-        return load_file(str(path), device="cpu"), metadata
+        tensors = load(blob)
     except Exception as exc:
         raise CheckpointError(
-            f"{path} is not a readable safetensors file: {exc}",
+            f"{path} is not a readable safetensors file: {str(exc)[:200]}",
             hint="the weights are corrupt; save the checkpoint again",
         ) from None
+    return tensors, metadata
+
+
+def _safetensors_metadata(blob: bytes, path: Path) -> dict[str, Any]:
+    hint = "the weights are corrupt; save the checkpoint again"
+    if len(blob) < 8:
+        raise CheckpointError(f"{path} is not a readable safetensors file (too short)", hint=hint)
+    (size,) = struct.unpack("<Q", blob[:8])
+    if size > min(MAX_SAFETENSORS_HEADER, len(blob) - 8):
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file (header of {size} bytes)", hint=hint
+        )
+    header = json_loads(blob[8 : 8 + size], what=f"{path} header", error=CheckpointError, hint=hint)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a readable safetensors file", hint=hint)
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} has metadata that is not an object", hint=hint)
+    return meta
 
 
 def _check_tensors(
@@ -321,6 +424,14 @@ def _check_tensors(
         problems.append(f"unexpected tensors {unexpected}")
     if misshaped:
         problems.append(f"mis-shaped tensors [{', '.join(misshaped)}]")
+    retyped = [
+        f"{k} {got[k].dtype} != {expected[k].dtype}"
+        for k in expected
+        if k in got and got[k].shape == expected[k].shape and got[k].dtype != expected[k].dtype
+    ]
+    if retyped:
+        # load_state_dict would cast them back silently: a cast checkpoint is another model.
+        problems.append(f"tensors of another dtype [{', '.join(retyped)}]")
     if problems:
         raise CheckpointError(
             f"checkpoint {root} does not fit the model: " + "; ".join(problems),

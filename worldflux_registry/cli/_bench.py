@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ._args import check_device, check_output_dir, check_output_file, positive_int
 
 __all__ = ["register"]
 
@@ -61,7 +62,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--repeats", type=int, default=50, help="timed transitions (default 50)")
     p.add_argument("--rollout-repeats", type=int, default=20, help="timed rollouts (default 20)")
     p.add_argument("--max-seconds", type=float, default=10.0, help="stop repeating after this long")
-    p.add_argument("--threads", type=int, help="torch and ORT intra-op threads")
+    p.add_argument("--threads", type=positive_int, help="torch and ORT intra-op threads")
     p.add_argument("--tf32", action="store_true", help="allow TF32 on both sides (default off)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_bench)
@@ -71,6 +72,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .. import bench as _bench
 
     _bench.check_backend_names(args.backends)
+    check_output_file(args.json_path, "--json")
+    check_output_file(args.markdown, "--markdown")
+    check_output_dir(args.export_dir, "--export-dir")
+    check_device(args.device)
     if args.horizon < 1:
         raise ConfigError(f"--horizon must be >= 1, got {args.horizon}")
     ort_options: dict[str, Any] = {}

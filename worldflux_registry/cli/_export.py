@@ -6,6 +6,8 @@ import argparse
 import time
 from typing import Any
 
+from ._args import check_output_dir
+
 __all__ = ["register"]
 
 
@@ -51,6 +53,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from ..exporting._export import check_export, export
     from ..registry._registry import registry
 
+    check_output_dir(args.out, "--out")
     console = Console(stderr=True, highlight=False)
     graphs: Any = (
         args.graphs

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
@@ -31,6 +32,7 @@ _CLI_EXTENSIONS: Final = (
     "worldflux_registry.cli._parity",
     "worldflux_registry.cli._bench",
     "worldflux_registry.cli._import",
+    "worldflux_registry.cli._shm",
 )
 
 
@@ -287,8 +289,24 @@ def _cmd_resolve(args: argparse.Namespace) -> int:
 
 # -- plugins ---------------------------------------------------------------------------------
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    records = _registry().plugins()
+    reg = _registry()
+    records = reg.plugins()
     failed = any(r.status in ("broken", "conflict") for r in records)
+    if getattr(args, "strict", False):
+        # --strict: also import every family's model class (a broken model module fails here)
+        from ..errors import WorldFluxRegistryError
+        from ..registry._discovery import check_model_target
+
+        for name in reg.list():
+            try:
+                check_model_target(reg.get(name))
+            except WorldFluxRegistryError as exc:
+                from rich.markup import escape
+
+                failed = True
+                _console(stderr=True).print(
+                    f"[red]error:[/red] {escape(str(exc))}", highlight=False
+                )
     if args.json:
         _print_json([r.to_dict() for r in records])
         return 1 if failed else 0
@@ -296,7 +314,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
     styles = {"ok": "green", "broken": "red", "conflict": "red", "blocked": "yellow"}
     table = Table(title="worldflux_registry plugins", title_justify="left")
-    for column in ("distribution", "version", "entry point", "status", "provides", "error"):
+    for column in ("distribution", "version", "entry point", "status", "load", "provides", "error"):
         table.add_column(column, overflow="fold")
     for r in records:
         style = styles.get(r.status, "")
@@ -305,15 +323,43 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
             r.version or "-",
             r.entry_point,
             f"[{style}]{r.status}[/{style}]" if style else r.status,
+            _load_time(r.seconds),
             ", ".join([*r.families, *r.exporters, *r.importers]) or "-",
             r.error or "",
         )
     console = _console()
     if records:
         console.print(table)
+        slow = [r for r in records if (r.seconds or 0.0) >= SLOW_PLUGIN_SECONDS]
+        if slow:
+            names = ", ".join(
+                f"{r.distribution or r.entry_point} ({r.seconds:.1f} s)" for r in slow
+            )
+            _console(stderr=True).print(
+                f"slow plugins (every command pays their import time): {escape_markup(names)}; "
+                f"block one with WORLDFLUX_REGISTRY_BLOCK=<distribution>"
+            )
     else:
         console.print("no plugins installed (entry point group 'worldflux_registry')")
     return 1 if failed else 0
+
+
+#: A plugin whose import and hooks take this long is reported as slow by ``plugins``.
+SLOW_PLUGIN_SECONDS: Final = 1.0
+
+
+def _load_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    text = f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
+    return f"[red]{text} slow[/red]" if seconds >= SLOW_PLUGIN_SECONDS else text
+
+
+def escape_markup(text: str) -> str:
+    """``text`` with rich markup escaped."""
+    from rich.markup import escape
+
+    return escape(text)
 
 
 # -- parser ----------------------------------------------------------------------------------
@@ -357,6 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", help="show every plugin and whether it loaded (exit 1 if not)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="also import each family's model class (imports torch); exit 1 if one fails",
+    )
     p.set_defaults(func=_cmd_plugins)
 
     for name in _CLI_EXTENSIONS:
@@ -382,10 +433,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except WorldFluxRegistryError as exc:
-        from rich.markup import escape
-
-        # Messages carry literal brackets (pip extras, shapes): never read them as markup.
-        _console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        _error(str(exc))
         return 1
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:
+        # A path the command was given cannot be read or written: say which, no traceback.
+        where = f" {exc.filename}" if exc.filename else ""
+        _error(
+            f"{exc.strerror or exc}:{where} (check that the path exists and is writable, "
+            "or choose another one)"
+        )
+        return 1
+    except Exception as exc:  # a bug: one line, and the way to see the traceback
+        if os.environ.get(ENV_DEBUG):
+            raise
+        _error(
+            f"unexpected {type(exc).__name__}: {str(exc)[:300]} (this is a bug in "
+            f"worldflux-registry or a plugin; rerun with {ENV_DEBUG}=1 for the traceback)"
+        )
+        return 1
+
+
+#: Set to 1 to let unexpected exceptions print their traceback.
+ENV_DEBUG: Final = "WORLDFLUX_REGISTRY_DEBUG"
+
+
+def _error(message: str) -> None:
+    # Messages carry literal brackets (pip extras, shapes): never read them as markup.
+    from rich.console import Console
+    from rich.markup import escape
+
+    text = " ".join(message.split("\n"))
+    # soft_wrap: one line however narrow the terminal, so scripts can grep it.
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/red] {escape(text)}", highlight=False)

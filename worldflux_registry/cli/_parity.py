@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import WorldFluxRegistryError
 from ..registry._artifact import read_artifact_manifest
+from ._args import check_device, check_output_file, device
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -99,7 +100,7 @@ def register(subparsers: Any) -> None:
         "--providers",
         help="ONNX Runtime providers for the export, comma-separated (default: auto)",
     )
-    p.add_argument("--device", help="device of the torch reference (default: cpu)")
+    p.add_argument("--device", type=device, help="device of the torch reference (default: cpu)")
     p.add_argument("--json", dest="json_path", metavar="FILE", help="write the JSON report")
     p.add_argument("--plot", metavar="FILE.png", help="write a PNG of error per rollout step")
     p.set_defaults(func=_cmd_parity)
@@ -108,6 +109,7 @@ def register(subparsers: Any) -> None:
 def _usage(console: Console, message: str) -> int:
     from rich.markup import escape
 
+    console.soft_wrap = True  # one line, however narrow the terminal
     console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     return 2
 
@@ -119,6 +121,8 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     err = Console(stderr=True, highlight=False)
     export_dir = Path(args.export_dir)
     try:
+        check_output_file(args.json_path, "--json")
+        check_output_file(args.plot, "--plot")
         manifest = read_artifact_manifest(export_dir)
     except WorldFluxRegistryError as exc:
         return _usage(err, str(exc))
@@ -168,6 +172,7 @@ def _reference(
     from ..registry._registry import is_path_ref, registry
 
     device = args.device or "cpu"
+    check_device(device)
     if args.reference:
         ref = args.reference
         if Path(ref).is_dir() and not is_path_ref(ref):

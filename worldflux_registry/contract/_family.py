@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from ..errors import ConfigError, ContractError, PluginError, did_you_mean
 from ._io import Capability, IOContract
 
-__all__ = ["ExporterSpec", "FamilySpec", "ImporterSpec"]
+__all__ = ["MAX_PARAMETERS", "ExporterSpec", "FamilySpec", "ImporterSpec"]
+
+#: Parameter-count ceiling checked before a model is built (``FamilySpec.max_parameters``
+#: overrides it per family): 2e9 parameters, 8 GB of float32 weights.
+MAX_PARAMETERS: Final = 2_000_000_000
 
 _NAME = re.compile(r"^[a-z][a-z0-9_.-]*$")
 _TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -50,7 +55,12 @@ class FamilySpec:
         aliases: Other names that resolve to this family.
         maturity: ``"experimental"``, ``"beta"``, ``"stable"`` or ``"deprecated"``.
         version: Family version; checkpoints from a newer major version are refused.
-        param_count: Optional ``param_count(config) -> int``, torch-free, shown by ``info``.
+        param_count: Optional ``param_count(config) -> int``, torch-free, shown by ``info``
+            and checked against ``max_parameters`` before a model is built.
+        validate_config: Optional ``validate_config(config)``, torch-free, called before a
+            model is built; raises `ConfigError` (any other exception becomes one) naming the
+            field at fault. Types are already checked against ``defaults``.
+        max_parameters: Parameter ceiling for this family (default `MAX_PARAMETERS`).
         distribution: The distribution that provides the family (filled in by discovery).
         distribution_version: Its version (filled in by discovery).
     """
@@ -67,6 +77,8 @@ class FamilySpec:
     maturity: str = "experimental"
     version: str = "0.1.0"
     param_count: Callable[[Mapping[str, Any]], int] | None = None
+    validate_config: Callable[[Mapping[str, Any]], None] | None = None
+    max_parameters: int | None = None
     distribution: str | None = field(default=None, compare=False)
     distribution_version: str | None = field(default=None, compare=False)
 
@@ -113,6 +125,14 @@ class FamilySpec:
             )
         if not callable(self.contract):
             raise PluginError(f"family {self.name!r} contract must be callable")
+        if self.validate_config is not None and not callable(self.validate_config):
+            raise PluginError(f"family {self.name!r} validate_config must be callable")
+        if self.max_parameters is not None and (
+            isinstance(self.max_parameters, bool)
+            or not isinstance(self.max_parameters, int)
+            or self.max_parameters < 1
+        ):
+            raise PluginError(f"family {self.name!r} max_parameters must be a positive int")
         return self
 
     def config(self, preset: str | None = None, **overrides: Any) -> dict[str, Any]:
@@ -144,6 +164,65 @@ class FamilySpec:
             config[key] = value
         return config
 
+    def check_config(self, config: Mapping[str, Any]) -> None:
+        """Raise `ConfigError` naming the field unless ``config`` may be built (torch-free).
+
+        Checks, in order: every field is declared in ``defaults``; each value has its
+        default's type (``bool`` for a bool, ``int`` for an int, ``int``/``float`` for a finite
+        float, ``str``, a list for a list or tuple, a mapping for a mapping; a ``None`` default
+        accepts anything); the family's ``validate_config``; and ``param_count(config)`` at most
+        ``max_parameters`` (default `MAX_PARAMETERS`), before anything is allocated.
+        """
+        for key, value in config.items():
+            if key not in self.defaults:
+                raise ConfigError(
+                    f"family {self.name!r} has no config field {key!r}."
+                    f"{did_you_mean(key, self.defaults)}",
+                    hint="fields: " + ", ".join(sorted(self.defaults)),
+                    family=self.name,
+                    field=key,
+                )
+            expected = _type_problem(self.defaults[key], value)
+            if expected:
+                raise ConfigError(
+                    f"family {self.name!r} config field {key!r} is {_shown(value)}; "
+                    f"expected {expected}",
+                    hint=f"the default is {_shown(self.defaults[key])}",
+                    family=self.name,
+                    field=key,
+                )
+        if self.validate_config is not None:
+            try:
+                self.validate_config(config)
+            except ConfigError:
+                raise
+            except Exception as exc:
+                raise ConfigError(
+                    f"family {self.name!r} rejects its config: {str(exc)[:300]}",
+                    hint="see the family's documentation for valid values",
+                    family=self.name,
+                ) from exc
+        if self.param_count is None:
+            return
+        try:
+            count = int(self.param_count(config))
+        except Exception as exc:
+            raise ConfigError(
+                f"family {self.name!r} cannot count the parameters of its config: {str(exc)[:300]}",
+                hint="a config field has a value the family does not support",
+                family=self.name,
+            ) from exc
+        ceiling = self.max_parameters or MAX_PARAMETERS
+        if count > ceiling:
+            changed = [f"{k}={_shown(v)}" for k, v in config.items() if v != self.defaults.get(k)]
+            raise ConfigError(
+                f"family {self.name!r} config gives {count:,} parameters, over the ceiling of "
+                f"{ceiling:,}" + (f" (fields set: {', '.join(changed[:8])})" if changed else ""),
+                hint="use smaller sizes; the ceiling guards against allocating what the "
+                "machine cannot hold (FamilySpec.max_parameters)",
+                family=self.name,
+            )
+
     def contract_for(self, config: Mapping[str, Any]) -> IOContract:
         """The family's contract for ``config``, validated; errors name the family."""
         try:
@@ -164,6 +243,32 @@ class FamilySpec:
                 family=self.name,
             )
         return contract.validate()
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _type_problem(default: object, value: object) -> str | None:
+    """What ``value`` should be, judging by ``default``; None when it fits."""
+    if default is None:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "a bool"
+    if isinstance(default, int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an int"
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "a number"
+        return None if math.isfinite(value) else "a finite number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "a string"
+    if isinstance(default, (list, tuple)):
+        return None if isinstance(value, (list, tuple)) else "a list"
+    if isinstance(default, Mapping):
+        return None if isinstance(value, Mapping) else "a mapping"
+    return None
 
 
 @dataclass(frozen=True)

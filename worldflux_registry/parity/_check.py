@@ -422,7 +422,13 @@ def _to(value: Any, device: torch.device) -> Any:
     if isinstance(value, dict):
         return {k: _to(v, device) for k, v in value.items()}
     if isinstance(value, ConditionPayload):
-        return ConditionPayload(_to(value.extras, device))
+        return ConditionPayload(
+            text_condition=_to(value.text_condition, device),
+            goal=_to(value.goal, device),
+            spatial=_to(value.spatial, device),
+            camera_pose=_to(value.camera_pose, device),
+            extras=_to(value.extras, device),
+        )
     return value
 
 

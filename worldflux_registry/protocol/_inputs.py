@@ -132,7 +132,7 @@ def noise_conditions(
     ``wf.cond.<name>``."""
     extras: dict[str, Any] = {f"wf.noise.{k}": v for k, v in noise.items()}
     extras.update({condition_key(k): v for k, v in (conditions or {}).items()})
-    return ConditionPayload(extras)
+    return ConditionPayload(extras=extras)
 
 
 def conditions_payload(
@@ -148,4 +148,4 @@ def encode_input(
     conditions: Mapping[str, Tensor] | None = None,
 ) -> WorldModelInput:
     """An ``encode`` input carrying its noise (and side conditions)."""
-    return WorldModelInput(obs, conditions_payload(noise, conditions))
+    return WorldModelInput(obs, conditions=conditions_payload(noise, conditions))

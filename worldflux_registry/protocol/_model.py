@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,10 +25,17 @@ from ._payloads import (
     ModelOutput,
     Trajectory,
     WorldModelInput,
+    squeeze_step_value,
     tensor_problems,
 )
 
-__all__ = ["WorldModel"]
+__all__ = ["ENV_VALIDATE", "WorldModel"]
+
+#: ``WORLDFLUX_REGISTRY_VALIDATE=1`` turns `WorldModel.validate_outputs` on by default (the test
+#: suite sets it), so every step's outputs are checked against the contract.
+ENV_VALIDATE = "WORLDFLUX_REGISTRY_VALIDATE"
+#: The steps whose outputs `WorldModel.validate_outputs` checks.
+CHECKED_STEPS = ("encode", "transition", "update", "decode", "rollout")
 
 _M = TypeVar("_M", bound="WorldModel")
 
@@ -38,9 +47,15 @@ class WorldModel(nn.Module, ABC):
     """Base class for all world models.
 
     A family subclasses it, sets ``family`` and ``capabilities``, stores its JSON-serializable
-    config in ``self.config`` and implements ``encode``, ``transition``, ``decode`` (and
-    ``update``, ``loss``). Inputs may be plain tensors or protocol payloads; the helpers
+    config in ``self.config`` and implements ``loss`` (the only abstract method, as in
+    WorldFlux) and the steps it supports: ``encode``, ``transition`` (whose defaults raise
+    `CapabilityError`, also a ``NotImplementedError``), ``decode`` (default: `CapabilityError`)
+    and ``update``. Inputs may be plain tensors or protocol payloads; the helpers
     `observations`, `action_tensor` and `noise` normalise them.
+
+    With `validate_outputs` on (``registry.load(ref, validate=True)``, or
+    ``WORLDFLUX_REGISTRY_VALIDATE=1``), every step's outputs are checked against the contract
+    and a disagreement raises `ContractError` naming the step, the tensor and both layouts.
     """
 
     #: Family name as registered (used by ``save_pretrained`` and ``io_contract``).
@@ -50,12 +65,26 @@ class WorldModel(nn.Module, ABC):
     #: The `FamilySpec` this model was built from: set by `Registry.build` (so by
     #: ``registry.load``), None for a model instantiated directly.
     family_spec: FamilySpec | None = None
+    #: Check every step's outputs against the contract (`ContractError` on a disagreement).
+    #: Default: on when ``WORLDFLUX_REGISTRY_VALIDATE=1``; ``registry.load(..., validate=True)``
+    #: sets it per model.
+    validate_outputs: bool = False
 
     def __init__(self) -> None:
         super().__init__()
         self.config: dict[str, Any] = {}
         self.preset: str | None = None
         self._contract_cache: IOContract | None = None
+        self.validate_outputs = os.environ.get(ENV_VALIDATE, "") not in ("", "0")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Each step a subclass defines is wrapped once, so validate_outputs sees its results
+        # whoever implements it (a family, the ONNX backend).
+        for step in CHECKED_STEPS:
+            fn = cls.__dict__.get(step)
+            if callable(fn) and not getattr(fn, "_wf_checked", False):
+                setattr(cls, step, _checked(step, fn))
 
     @classmethod
     def from_config(cls: type[_M], config: Mapping[str, Any]) -> _M:
@@ -130,7 +159,9 @@ class WorldModel(nn.Module, ABC):
 
         A training batch maps each observation name, ``"action"`` and each target name to a
         tensor laid out ``[batch, time, ...]`` (the contract's per-step shape with a time axis
-        after the batch axis). Raises `ContractError` listing every problem.
+        after the batch axis). Integer labels of a ``kind="discrete"`` tensor (such as a
+        discrete action) must lie in ``[0, classes)``. Raises `ContractError` listing every
+        problem.
         """
         contract = self.io_contract()
         specs = list(contract.observations) + list(contract.targets)
@@ -141,7 +172,8 @@ class WorldModel(nn.Module, ABC):
         for spec in specs:
             if spec.name in batch:
                 timed = type(spec)(**{**spec.__dict__, "shape": ("batch", "time", *spec.shape[1:])})
-                problems += tensor_problems(f"batch {spec.name!r}", batch[spec.name], timed, dims)
+                found = tensor_problems(f"batch {spec.name!r}", batch[spec.name], timed, dims)
+                problems += found or _label_problems(f"batch {spec.name!r}", batch[spec.name], spec)
         if problems:
             raise ContractError("; ".join(problems), hint="lay batches out [batch, time, ...]")
 
@@ -167,21 +199,41 @@ class WorldModel(nn.Module, ABC):
         return {names[0]: obs}, conditions
 
     def action_tensor(self, action: ActionLike) -> Tensor | None:
-        """The tensor of an action given as a tensor or an `ActionPayload`."""
-        if action is None or isinstance(action, Tensor):
-            return action
+        """The tensor of an action given as a tensor or an `ActionPayload`.
+
+        Where the contract's action is an integer dtype, integer tensors of another width are
+        cast to it (int32 labels for an int64 contract). With `validate_outputs` on, labels of
+        a ``kind="discrete"`` action are checked against its ``classes``.
+        """
+        if action is None:
+            return None
         if isinstance(action, ActionPayload):
             action.validate(api_version=self.io_contract().api_version)
             value = action.primary()
-            if value is not None and not isinstance(value, Tensor):
+            if value is None and action.kind != "none":
                 raise ContractError(
                     f"action payload of kind {action.kind!r} holds no tensor",
                     hint="this model takes tensor actions",
                 )
-            return value
-        raise ContractError(
-            f"action must be a Tensor or ActionPayload, got {type(action).__name__}"
-        )
+            if value is None:
+                return None
+            action = value
+        if not isinstance(action, Tensor):
+            raise ContractError(
+                f"action must be a Tensor or ActionPayload, got {type(action).__name__}"
+            )
+        spec = self.io_contract().action
+        if spec is None:
+            return action
+        want = getattr(torch, spec.dtype)
+        integer = not (want.is_floating_point or want.is_complex or want == torch.bool)
+        if integer and action.dtype != want and _is_integer(action.dtype):
+            action = action.to(want)
+        if self.validate_outputs:
+            problems = _label_problems("action", action, spec)
+            if problems:
+                raise ContractError(problems[0], hint=f"labels of {spec.name!r} are 0..classes-1")
+        return action
 
     def condition(self, name: str, conditions: ConditionPayload | None) -> Tensor | None:
         """The side condition ``name`` from ``conditions`` (extra ``wf.cond.<name>``), checked
@@ -236,12 +288,55 @@ class WorldModel(nn.Module, ABC):
             return torch.rand(shape, device=device, dtype=dtype)
         return torch.randn(shape, device=device, dtype=dtype)
 
-    # -- the protocol ------------------------------------------------------------------------
-    @abstractmethod
-    def encode(self, obs: ObsLike, deterministic: bool = False) -> State:
-        """Encode observation to latent state."""
+    def check_step_output(self, step: str, output: Any) -> None:
+        """Check what ``step`` returned against the contract; raise `ContractError` if it
+        disagrees (what `validate_outputs` runs after every step).
 
-    @abstractmethod
+        ``encode`` / ``transition`` / ``update`` must return a `State` holding exactly the
+        contract's state keys, ``decode`` a `ModelOutput` with exactly its predictions, and
+        ``rollout`` a `Trajectory` whose stacked predictions are ``[T, batch, ...]``; each
+        tensor with the declared dtype and shape (``batch`` the same throughout). Outputs being
+        traced by ``torch.export`` (symbolic shapes) are not checked.
+        """
+        contract = self.io_contract()
+        problems: list[str] = []
+        if step == "decode":
+            if not isinstance(output, ModelOutput):
+                problems.append(f"returned {type(output).__name__}, not a ModelOutput")
+            else:
+                problems = _outputs_problems("prediction", output.predictions, contract.predictions)
+        elif step == "rollout":
+            if not isinstance(output, Trajectory):
+                problems.append(f"returned {type(output).__name__}, not a Trajectory")
+            else:
+                steps = output.horizon
+                timed = [_timed(s, steps) for s in contract.predictions]
+                problems = _outputs_problems("prediction", output.predictions or {}, timed)
+        elif not isinstance(output, State):
+            problems.append(f"returned {type(output).__name__}, not a State")
+        else:
+            problems = _outputs_problems("state", output.tensors, contract.state)
+        if problems:
+            raise ContractError(
+                f"{type(self).__name__}.{step}() breaks its contract: " + "; ".join(problems),
+                hint="the step's outputs must have the declared keys, dtypes and shapes "
+                "(validate_outputs is on)",
+                family=self.family,
+                graph=step,
+            )
+
+    # -- the protocol ------------------------------------------------------------------------
+    def encode(self, obs: ObsLike, deterministic: bool = False) -> State:
+        """Encode observation to latent state.
+
+        Raises:
+            CapabilityError: the family does not implement ``encode`` (also a
+                ``NotImplementedError``, as WorldFlux raises).
+        """
+        raise _NotImplementedStep(
+            f"{type(self).__name__}.encode(...) is not implemented", family=self.family
+        )
+
     def transition(
         self,
         state: State,
@@ -249,7 +344,15 @@ class WorldModel(nn.Module, ABC):
         conditions: ConditionPayload | None = None,
         deterministic: bool = False,
     ) -> State:
-        """Predict next state (prior/imagination)."""
+        """Predict next state (prior/imagination).
+
+        Raises:
+            CapabilityError: the family does not implement ``transition`` (also a
+                ``NotImplementedError``, as WorldFlux raises).
+        """
+        raise _NotImplementedStep(
+            f"{type(self).__name__}.transition(...) is not implemented", family=self.family
+        )
 
     def update(
         self,
@@ -268,9 +371,17 @@ class WorldModel(nn.Module, ABC):
             f"{type(self).__name__} does not implement update()", family=self.family
         )
 
-    @abstractmethod
     def decode(self, state: State, conditions: ConditionPayload | None = None) -> ModelOutput:
-        """Decode latent state to predictions."""
+        """Decode latent state to predictions.
+
+        Raises:
+            CapabilityError: the family does not implement ``decode`` (as WorldFlux raises
+                for a model without a decoder).
+        """
+        raise CapabilityError(
+            f"{type(self).__name__} does not expose a decoder (decode is not implemented)",
+            family=self.family,
+        )
 
     async def async_encode(self, obs: ObsLike, deterministic: bool = False) -> State:
         """Asynchronous non-blocking variant of encode."""
@@ -341,8 +452,9 @@ class WorldModel(nn.Module, ABC):
 
         ``action_sequence`` is laid out ``[T, batch, ...]``. Noise extras in ``conditions`` may
         carry a leading time axis (``[T, *noise shape]``): step ``t`` then gets slice ``t``.
-        Returns a `Trajectory` with every prediction stacked over steps, plus ``rewards`` and
-        ``continues`` when the contract predicts ``reward`` and ``continue``.
+        Returns a `Trajectory` with every prediction stacked over steps (``[T, batch, ...]``),
+        plus ``rewards`` and ``continues`` ``[T, batch]`` when the contract predicts ``reward``
+        and ``continue`` (a per-step ``[batch, 1]`` is squeezed, as in WorldFlux).
         """
         if mode != "autoregressive":
             raise CapabilityError(
@@ -367,8 +479,8 @@ class WorldModel(nn.Module, ABC):
         return Trajectory(
             states=states,
             actions=actions,
-            rewards=predictions.get("reward"),
-            continues=predictions.get("continue"),
+            rewards=squeeze_step_value(predictions.get("reward")),
+            continues=squeeze_step_value(predictions.get("continue")),
             predictions=predictions,
         )
 
@@ -399,6 +511,75 @@ class WorldModel(nn.Module, ABC):
 
         saved: Path = save_pretrained(self, path)
         return saved
+
+
+class _NotImplementedStep(CapabilityError, NotImplementedError):
+    """A protocol step the family does not implement: WorldFlux raises NotImplementedError."""
+
+
+def _checked(step: str, fn: Any) -> Any:
+    """``fn`` (a step) followed by `WorldModel.check_step_output` when validation is on."""
+
+    @functools.wraps(fn)
+    def step_with_check(self: WorldModel, *args: Any, **kwargs: Any) -> Any:
+        output = fn(self, *args, **kwargs)
+        if self.validate_outputs and not _traced(output):
+            self.check_step_output(step, output)
+        return output
+
+    step_with_check._wf_checked = True  # type: ignore[attr-defined]
+    return step_with_check
+
+
+# The base class's own rollout is checked too (subclasses' steps are wrapped as they are defined).
+WorldModel.rollout = _checked("rollout", WorldModel.rollout)  # type: ignore[method-assign]
+
+
+def _traced(output: Any) -> bool:
+    """True when ``output`` holds tensors with symbolic shapes (``torch.export`` tracing)."""
+    if isinstance(output, State):
+        tensors: Any = output.tensors.values()
+    elif isinstance(output, ModelOutput):
+        tensors = output.predictions.values()
+    elif isinstance(output, Trajectory):
+        tensors = (output.predictions or {}).values()
+    else:
+        return False
+    return (
+        any(not isinstance(d, int) for t in tensors for d in getattr(t, "shape", ()))
+        or torch.compiler.is_compiling()
+    )
+
+
+def _timed(spec: Any, steps: int) -> Any:
+    return type(spec)(**{**spec.__dict__, "shape": (steps, *spec.shape)})
+
+
+def _outputs_problems(what: str, given: Mapping[str, Any], specs: Any) -> list[str]:
+    specs = list(specs)
+    problems = _key_problems(f"{what}s", given, [s.name for s in specs])
+    dims: dict[str, int] = {}
+    for spec in specs:
+        if spec.name in given:
+            problems += tensor_problems(f"{what} {spec.name!r}", given[spec.name], spec, dims)
+    return problems
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def _label_problems(where: str, value: Any, spec: Any) -> list[str]:
+    """Labels of a ``kind="discrete"`` tensor outside ``[0, classes)`` (none on meta)."""
+    if spec.kind != "discrete" or spec.classes is None or not isinstance(value, Tensor):
+        return []
+    if value.device.type == "meta" or value.numel() == 0 or not _is_integer(value.dtype):
+        return []
+    low, high = int(value.min()), int(value.max())
+    if low >= 0 and high < spec.classes:
+        return []
+    bad = high if high >= spec.classes else low
+    return [f"{where} holds label {bad}, outside 0..{spec.classes - 1} ({spec.classes} classes)"]
 
 
 def _key_problems(where: str, given: Mapping[str, Any], declared: Any) -> list[str]:
@@ -442,4 +623,4 @@ def step_slice(
                 )
             value = value[t]
         extras[key] = value
-    return ConditionPayload(extras)
+    return conditions.replace_extras(extras)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
+from .._files import read_consistent
+from .._json import loads as load_json
 from ..errors import ResolutionError, WorldFluxRegistryError
 
 __all__ = ["MANIFEST_FILE", "read_artifact_manifest"]
@@ -23,6 +24,8 @@ def read_artifact_manifest(
     """The ``manifest.json`` of export ``directory`` as a dict whose ``format`` is a string.
 
     Only the envelope is checked; what else a manifest must hold is its exporter's business.
+    The file is read confined and bounded (a regular file of at most 16 MiB) by the strict JSON
+    reader (no duplicate keys, bounded depth and numbers).
 
     Raises:
         error: (`ResolutionError` unless given) naming the file and the next step when it is
@@ -34,10 +37,10 @@ def read_artifact_manifest(
             f"{directory} is not an export directory (no {MANIFEST_FILE})",
             hint="pass the directory written by export(model, format, dir)",
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise error(f"{path} is not readable JSON: {exc}", hint=_REEXPORT) from None
+    raw = read_consistent(
+        directory, error, lambda adir: adir.read(MANIFEST_FILE, what="export manifest")
+    )
+    data = load_json(raw, what=str(path), error=error, hint=_REEXPORT)
     if not isinstance(data, dict):
         raise error(f"{path} holds {type(data).__name__}, not a JSON object", hint=_REEXPORT)
     if not isinstance(data.get("format"), str):

@@ -3,13 +3,25 @@
 Torch-free. Every plugin (one entry point, or one object passed to ``Registry(plugins=...)``) is
 imported, registered with pluggy, checked and called on its own, so that an import error, a hook
 that raises, an invalid spec or a hook pluggy rejects marks only that plugin broken.
+
+A plugin that calls ``sys.exit()`` or raises ``KeyboardInterrupt`` itself is broken like any
+other; a real Ctrl-C still stops the program. The two are told apart by a SIGINT handler that
+discovery installs (in the main thread) while plugin code runs: a ``KeyboardInterrupt`` that
+follows a SIGINT is re-raised, one without is the plugin's. What a plugin prints to stdout while
+it is imported or its hooks run goes to stderr, so that ``--json`` output stays clean. Each
+plugin's import and hook time is recorded (``PluginRecord.seconds``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Sequence
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -21,12 +33,14 @@ from ..errors import PluginConflictError, PluginError
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "QUALIFIER",
     "ENV_BLOCK",
     "ENV_PLUGINS",
     "ENV_STRICT",
     "Discovery",
     "PluginRecord",
     "discover",
+    "qualified_name",
 ]
 
 #: Entry point group a plugin distribution declares its plugin modules in.
@@ -56,6 +70,7 @@ class PluginRecord:
         families: Family names it provides (or tried to provide).
         exporters: Exporter names it provides (or tried to provide).
         importers: Importer names (``family:source_format``) it provides (or tried to).
+        seconds: Time its import and hooks took (None when it was not loaded).
     """
 
     distribution: str | None
@@ -66,6 +81,7 @@ class PluginRecord:
     families: tuple[str, ...] = ()
     exporters: tuple[str, ...] = ()
     importers: tuple[str, ...] = ()
+    seconds: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON form (``worldflux-registry plugins --json``)."""
@@ -78,6 +94,7 @@ class PluginRecord:
             "families": list(self.families),
             "exporters": list(self.exporters),
             "importers": list(self.importers),
+            "seconds": self.seconds,
         }
 
 
@@ -97,6 +114,8 @@ class Discovery:
     conflicts: dict[str, PluginConflictError] = field(default_factory=dict)
     # name a broken plugin provides (or its entry point name) -> the PluginError to raise
     broken: dict[str, PluginError] = field(default_factory=dict)
+    # "distribution::family" -> spec, for every family of a distribution, conflicting or not
+    qualified: dict[str, FamilySpec] = field(default_factory=dict)
     records: list[PluginRecord] = field(default_factory=list)
     plugin_manager: pluggy.PluginManager | None = None
 
@@ -118,6 +137,64 @@ class _Candidate:
     claimed_families: tuple[str, ...] = ()
     claimed_exporters: tuple[str, ...] = ()
     claimed_importers: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+
+#: Separator of a distribution-qualified family reference: ``worldflux-dreamerv3::dreamerv3``.
+#: Neither family names nor presets may contain ``:``, and a ref without ``/`` or a leading
+#: ``.`` is never a path, so the form cannot collide with either.
+QUALIFIER: Final = "::"
+
+
+def qualified_name(distribution: str, family: str) -> str:
+    """``"<normalised distribution>::<family>"``, the reference that survives a conflict."""
+    return f"{normalize(distribution)}{QUALIFIER}{family}"
+
+
+class _Interrupted:
+    """Whether a real SIGINT arrived while plugin code ran."""
+
+    seen = False
+
+
+@contextlib.contextmanager
+def _plugin_code(cand: _Candidate, interrupted: type[_Interrupted]) -> Iterator[None]:
+    """Run plugin code: stdout to stderr, SIGINT noted, time added to ``cand.seconds``."""
+    start = time.perf_counter()
+    previous = None
+    main = threading.current_thread() is threading.main_thread()
+    if main:
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            interrupted.seen = True
+            raise KeyboardInterrupt
+
+        try:
+            previous = signal.signal(signal.SIGINT, on_sigint)
+        except (ValueError, OSError):  # pragma: no cover - embedded interpreters
+            main = False
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+        cand.seconds += time.perf_counter() - start
+
+
+def _is_real_interrupt(exc: BaseException, interrupted: type[_Interrupted]) -> bool:
+    if not isinstance(exc, KeyboardInterrupt):
+        return False
+    # Outside the main thread no handler could be installed: treat it as real.
+    return interrupted.seen or threading.current_thread() is not threading.main_thread()
+
+
+def _plugin_failure(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"called sys.exit({exc.code!r})"
+    if isinstance(exc, KeyboardInterrupt):
+        return "raised KeyboardInterrupt itself (no Ctrl-C was pressed)"
+    return _describe(exc)
 
 
 def normalize(name: str) -> str:
@@ -249,6 +326,7 @@ def discover(
             ``WORLDFLUX_REGISTRY_STRICT``.
     """
     strict = strict_from_env() if strict is None else strict
+    _Interrupted.seen = False
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     candidates = (_entry_point_candidates() if entry_points else []) + _object_candidates(plugins)
@@ -262,9 +340,12 @@ def discover(
     objects = [p for _, p in loaded]
     for cand, plugin in loaded:
         try:
-            _collect(pm, cand, plugin, [o for o in objects if o is not plugin])
-        except Exception as exc:
-            cand.status, cand.error = "broken", _describe(exc)
+            with _plugin_code(cand, _Interrupted):
+                _collect(pm, cand, plugin, [o for o in objects if o is not plugin])
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            if _is_real_interrupt(exc, _Interrupted):
+                raise
+            cand.status, cand.error = "broken", _plugin_failure(exc)
             cand.families.clear()
             cand.exporters.clear()
             cand.importers.clear()
@@ -279,14 +360,27 @@ def discover(
                     hint=f"strict discovery is on ({ENV_STRICT}=1)",
                     distribution=record.distribution,
                 )
+        # A plugin module can load while its model module cannot: strict mode imports each
+        # family's model class now (torch and the model code), as building a model would.
+        for spec in result.families.values():
+            check_model_target(spec)
     return result
+
+
+def check_model_target(spec: Any) -> None:
+    """Import the model class ``spec.model`` names; raise `PluginError` naming the family,
+    the target and the import failure (what strict discovery and ``plugins --strict`` run)."""
+    resolve_target(spec.model, what=f"family {spec.name!r} model", distribution=spec.distribution)
 
 
 def _load_one(pm: pluggy.PluginManager, cand: _Candidate) -> object | None:
     try:
-        plugin: object = cand.load()
-    except Exception as exc:
-        cand.status, cand.error = "broken", f"import failed: {_describe(exc)}"
+        with _plugin_code(cand, _Interrupted):
+            plugin: object = cand.load()
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:
+        if _is_real_interrupt(exc, _Interrupted):
+            raise
+        cand.status, cand.error = "broken", f"import failed: {_plugin_failure(exc)}"
         return None
     try:
         pm.register(plugin, name=f"{cand.distribution or '<code>'}:{cand.entry_point}")
@@ -326,6 +420,8 @@ def _index(candidates: Sequence[_Candidate]) -> Discovery:
             continue
         for spec in cand.families:
             spec = _with_distribution(spec, cand)
+            if cand.distribution:
+                result.qualified.setdefault(qualified_name(cand.distribution, spec.name), spec)
             claims.setdefault(spec.name, []).append(("family", cand, spec))
             for alias in spec.aliases:
                 claims.setdefault(alias, []).append(("alias", cand, spec))
@@ -384,6 +480,7 @@ def _index(candidates: Sequence[_Candidate]) -> Discovery:
                 families=cand.claimed_families,
                 exporters=cand.claimed_exporters,
                 importers=cand.claimed_importers,
+                seconds=round(cand.seconds, 4) if cand.status != "blocked" else None,
             )
         )
     return result
@@ -402,9 +499,14 @@ def _with_distribution(spec: Any, cand: _Candidate) -> Any:
 def _conflict(name: str, owners: list[tuple[_Candidate, str]]) -> PluginConflictError:
     who = [f"{c.distribution or c.entry_point} ({what})" for c, what in owners]
     dists = [c.distribution or c.entry_point for c, _ in owners]
+    refs = sorted({qualified_name(c.distribution, name) for c, _ in owners if c.distribution})
+    reach = f"; or name one by distribution: {' or '.join(refs)}" if len(refs) > 1 else ""
     return PluginConflictError(
         f"name {name!r} is claimed by " + " and by ".join(who),
-        hint="uninstall one of " + ", ".join(sorted(set(dists))) + f" or block it with {ENV_BLOCK}",
+        hint="uninstall one of "
+        + ", ".join(sorted(set(dists)))
+        + f" or block it with {ENV_BLOCK}"
+        + reach,
         distribution=dists[0],
         distributions=tuple(dists),
         family=name,

@@ -6,7 +6,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError
+from .._files import MAX_ARTIFACT_FILE_BYTES, ArtifactDir
+from ..errors import ConfigError, ExportError
 
 if TYPE_CHECKING:
     from ..protocol._model import WorldModel
@@ -29,14 +30,21 @@ def weights_from_onnx(model: WorldModel, export_dir: Path) -> list[str]:
     except ImportError:
         return list(model.state_dict())
     found: dict[str, Any] = {}
-    for file in sorted(Path(export_dir).glob("*.onnx")):
-        for init in onnx.load(str(file)).graph.initializer:
-            found.setdefault(init.name, init)
+    root = Path(export_dir)
+    with ArtifactDir(root, ExportError) as adir:
+        for file in sorted(root.glob("*.onnx")):
+            # Confined, regular files only; external data is never followed from here.
+            blob = adir.read(file.name, what="graph file", max_bytes=MAX_ARTIFACT_FILE_BYTES)
+            for init in onnx.load_from_string(blob).graph.initializer:
+                found.setdefault(init.name, init)
     missing = []
     with torch.no_grad():
         for key, tensor in model.state_dict().items():
             hit = found.get("model." + key) or found.get(key)
-            array = None if hit is None else numpy_helper.to_array(hit)
+            try:
+                array = None if hit is None else numpy_helper.to_array(hit)
+            except Exception:  # external data (not read here) or a damaged tensor
+                array = None
             if array is None or tuple(array.shape) != tuple(tensor.shape):
                 missing.append(key)
                 continue

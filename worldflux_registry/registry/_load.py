@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..checkpoint._format import WEIGHTS_FILE, _check_tensors, _read_weights, _sha256, read_config
+from .._files import ArtifactDir, clean_stale, read_consistent, stale_siblings, writer_lock
+from ..checkpoint._format import (
+    WEIGHTS_FILE,
+    _check_tensors,
+    _own_files,
+    read_config_in,
+    read_weights_in,
+)
 from ..errors import CheckpointError, ConfigError, WorldFluxRegistryError
 
 if TYPE_CHECKING:
@@ -16,7 +24,7 @@ if TYPE_CHECKING:
     from ..contract._family import FamilySpec
     from ..protocol._model import WorldModel
 
-__all__ = ["load_checkpoint"]
+__all__ = ["load_checkpoint", "recover"]
 
 
 class _Builds(Protocol):
@@ -49,14 +57,102 @@ def load_checkpoint(
     format and its version; the family is installed (it is looked up by name, never imported
     from the file); its major version is not older than the one that saved; every saved config
     field exists; the installed contract for the saved config has the saved fingerprint; the
-    weights' sha256 and safetensors metadata; no missing, unexpected or mis-shaped tensors.
+    weights' sha256 and safetensors metadata; no missing, unexpected, mis-shaped or re-typed
+    tensors. Every file is read through one opened directory (a concurrent save swapping in a
+    new checkpoint is seen whole or not at all; a read that raced one is retried), by plain name
+    and only when it is a regular file inside the directory.
     """
-    reg = registry
     root = Path(path)
-    data = read_config(root)
+    recover(root)
+    # one opened version of the directory; re-read when a writer swapped it mid-read
+    data, spec, config, tensors = read_consistent(
+        root, CheckpointError, lambda adir: _read_checkpoint(adir, registry)
+    )
+    model = registry.build(spec, config, preset=data.get("preset"))
+    _check_tensors(root, model.state_dict(), tensors)
+    model.load_state_dict(tensors, strict=True)
+    return _place(model, device, dtype).eval()
+
+
+def recover(root: Path) -> None:
+    """A checkpoint lost by a writer killed mid-replacement is put back before reading."""
+    if os.path.lexists(root) or not stale_siblings(root):
+        return
+    try:
+        with writer_lock(root, CheckpointError, "checkpoint"):
+            clean_stale(root, _own_files)
+    except (CheckpointError, OSError):
+        pass  # a live writer holds it, or the directory is read-only: read what is there
+
+
+def _read_checkpoint(
+    adir: ArtifactDir, reg: _Builds
+) -> tuple[dict[str, Any], FamilySpec, dict[str, Any], dict[str, torch.Tensor]]:
+    data = read_config_in(adir)
+    spec, config = _check_config(adir.root, data, reg)
+    info = data["weights"]
+    name = info.get("file", WEIGHTS_FILE)
+    if not adir.exists(str(name)) and "/" not in str(name) and str(name) not in (".", ".."):
+        raise CheckpointError(
+            f"checkpoint {adir.root} has no weights file {str(name)[:80]!r}",
+            hint="the checkpoint is incomplete; save it again",
+        )
+    tensors, metadata = read_weights_in(adir, name, info["sha256"])
+    return data, spec, config, _with_aliases(adir.root, data, tensors, metadata)
+
+
+def _with_aliases(
+    root: Path, data: dict[str, Any], tensors: dict[str, torch.Tensor], metadata: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    weights = root / str(data["weights"].get("file", WEIGHTS_FILE))
+    for key in ("family", "fingerprint"):
+        if metadata.get(key) != data[key]:
+            raise CheckpointError(
+                f"{weights} metadata {key} {str(metadata.get(key))[:80]!r} disagrees with "
+                f"config.json ({data[key]!r})",
+                hint="the files come from different checkpoints; save it again",
+            )
+    # Aliases (tied weights) come from config.json; the metadata copy must agree with it.
+    aliases = data["weights"].get("aliases")
+    if aliases is None:
+        try:
+            aliases = json.loads(metadata.get("aliases") or "{}")
+        except (json.JSONDecodeError, RecursionError, TypeError):
+            aliases = None
+        if not isinstance(aliases, dict):
+            raise CheckpointError(
+                f"{weights} metadata 'aliases' is not a JSON object",
+                hint="the weights are corrupt; save the checkpoint again",
+            )
+    for alias, kept in aliases.items():
+        if alias in tensors or kept not in tensors:
+            raise CheckpointError(
+                f"{weights} alias {str(alias)[:80]!r} -> {str(kept)[:80]!r} "
+                + ("would overwrite a stored tensor" if alias in tensors else "names no tensor"),
+                hint="the checkpoint was edited; save it again",
+            )
+        tensors[alias] = tensors[kept]
+    return tensors
+
+
+def _family_spec(reg: _Builds, family: str, distribution: object) -> FamilySpec:
+    """The installed family; when two distributions claim its name, the one that saved it."""
+    from ..errors import PluginConflictError
+
+    try:
+        return reg.get(family)
+    except PluginConflictError:
+        if not isinstance(distribution, str) or not distribution:
+            raise
+        return reg.get(f"{distribution}::{family}")
+
+
+def _check_config(
+    root: Path, data: dict[str, Any], reg: _Builds
+) -> tuple[FamilySpec, dict[str, Any]]:
     family = data["family"]
     try:
-        spec = reg.get(family)
+        spec = _family_spec(reg, family, data.get("distribution"))
     except WorldFluxRegistryError as exc:
         dist = data.get("distribution")
         installed = "is not installed" if type(exc).__name__ == "ResolutionError" else "failed"
@@ -92,44 +188,7 @@ def load_checkpoint(
             hint="the family's I/O contract changed; install the version that saved it",
             family=family,
         )
-
-    weights_info = data["weights"]
-    weights = root / str(weights_info.get("file", WEIGHTS_FILE))
-    if not weights.is_file():
-        raise CheckpointError(
-            f"checkpoint {root} has no weights file {weights.name!r}",
-            hint="the checkpoint is incomplete; save it again",
-        )
-    digest = _sha256(weights)
-    if digest != weights_info.get("sha256"):
-        raise CheckpointError(
-            f"{weights} has sha256 {digest}, but config.json records {weights_info.get('sha256')}",
-            hint="the weights are corrupt or were modified; save the checkpoint again",
-            family=family,
-        )
-    tensors, metadata = _read_weights(weights)
-    for key in ("family", "fingerprint"):
-        if metadata.get(key) != data[key]:
-            raise CheckpointError(
-                f"{weights} metadata {key} {metadata.get(key)!r} disagrees with config.json "
-                f"({data[key]!r})",
-                hint="the files come from different checkpoints; save it again",
-            )
-    try:
-        aliases = json.loads(metadata.get("aliases") or "{}")
-    except json.JSONDecodeError:
-        raise CheckpointError(
-            f"{weights} metadata 'aliases' is not JSON",
-            hint="the weights are corrupt; save the checkpoint again",
-        ) from None
-    for alias, kept in aliases.items():
-        if kept in tensors:
-            tensors[alias] = tensors[kept]
-
-    model = reg.build(spec, config, preset=data.get("preset"))
-    _check_tensors(root, model.state_dict(), tensors)
-    model.load_state_dict(tensors, strict=True)
-    return _place(model, device, dtype).eval()
+    return spec, config
 
 
 def _place(model: WorldModel, device: Any, dtype: Any) -> WorldModel:

@@ -23,13 +23,21 @@ from ..contract._io import Capability, IOContract
 from ..errors import (
     AmbiguousReferenceError,
     ConfigError,
+    PluginConflictError,
     ResolutionError,
     WorldFluxRegistryError,
     did_you_mean,
 )
 from ._artifact import MANIFEST_FILE, read_artifact_manifest
-from ._discovery import Discovery, PluginRecord, discover, resolve_target
-from ._load import _place, load_checkpoint
+from ._discovery import (
+    QUALIFIER,
+    Discovery,
+    PluginRecord,
+    discover,
+    normalize,
+    resolve_target,
+)
+from ._load import _place, load_checkpoint, recover
 
 if TYPE_CHECKING:
     import torch
@@ -176,7 +184,10 @@ class Registry:
         return sorted(names, key=_natural_key)
 
     def get(self, name: str) -> FamilySpec:
-        """The `FamilySpec` of a family name or alias.
+        """The `FamilySpec` of a family name or alias, or of ``distribution::family``.
+
+        ``worldflux-dreamerv3::dreamerv3`` names the family of one distribution even when
+        another distribution claims the same name (which makes the bare name a conflict).
 
         Raises:
             PluginConflictError: two distributions claim ``name`` (both are named).
@@ -184,6 +195,8 @@ class Registry:
             ResolutionError: no plugin provides ``name`` (with the closest names).
         """
         index = self._index()
+        if QUALIFIER in name:
+            return self._get_qualified(index, name)
         spec = index.families.get(name)
         if spec is None and name in index.aliases:
             spec = index.families.get(index.aliases[name])
@@ -200,6 +213,27 @@ class Registry:
             + (", ".join(self.list()) or "none")
             + "; see `worldflux-registry plugins` for plugins that failed to load",
             family=name,
+        )
+
+    def _spec_of(self, resolved: Resolved) -> FamilySpec:
+        """The spec a resolution names: by distribution when its bare name is a conflict."""
+        try:
+            return self.get(resolved.family or "")
+        except PluginConflictError:
+            if not resolved.distribution:
+                raise
+            return self.get(f"{resolved.distribution}{QUALIFIER}{resolved.family}")
+
+    def _get_qualified(self, index: Discovery, name: str) -> FamilySpec:
+        dist, _, family = name.partition(QUALIFIER)
+        spec = index.qualified.get(f"{normalize(dist)}{QUALIFIER}{family}")
+        if spec is not None:
+            return spec
+        known = sorted(index.qualified)
+        raise ResolutionError(
+            f"no distribution {dist!r} provides a family named {family!r}."
+            f"{did_you_mean(name, known)}",
+            hint="distribution-qualified refs: " + (", ".join(known) or "none"),
         )
 
     def exporters(self) -> builtins.list[ExporterSpec]:
@@ -327,7 +361,14 @@ class Registry:
         if ref.startswith(FINGERPRINT_PREFIX):
             matches = self.find(ref)
             return self._pick(ref, matches)
-        name, sep, preset = ref.partition(":")
+        qualifier = ""
+        if QUALIFIER in ref:  # "distribution::family[:preset]": reachable despite a conflict
+            dist, _, ref_tail = ref.partition(QUALIFIER)
+            qualifier = dist + QUALIFIER
+        else:
+            ref_tail = ref
+        name, sep, preset = ref_tail.partition(":")
+        name = qualifier + name
         if sep and not preset:
             raise ResolutionError(
                 f"ref {ref!r} names no preset after ':'", hint="use family:preset"
@@ -431,6 +472,8 @@ class Registry:
 
     def _resolve_path(self, path: Path, ref: str) -> Resolved:
         if not path.is_dir():
+            recover(path)  # a checkpoint a killed writer left aside is put back first
+        if not path.is_dir():
             what = "is not a directory" if path.exists() else "does not exist"
             raise ResolutionError(
                 f"{ref!r} {what}",
@@ -490,9 +533,14 @@ class Registry:
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
+        validate: bool | None = None,
         **config_overrides: Any,
     ) -> WorldModel:
         """Build the model ``ref`` names, in eval mode on ``device`` / ``dtype``.
+
+        ``validate=True`` turns on the model's `WorldModel.validate_outputs` (every step's
+        outputs checked against the contract; an ONNX export's too); None keeps the default
+        (``WORLDFLUX_REGISTRY_VALIDATE``).
 
         Family and preset refs build fresh (randomly initialised) weights from the config with
         ``config_overrides`` applied (unknown fields raise `ConfigError` with the closest
@@ -510,12 +558,16 @@ class Registry:
                     hint="a checkpoint's config is fixed by its weights; load a preset instead",
                 )
 
-            return load_checkpoint(resolved.path or "", registry=self, device=device, dtype=dtype)
-        if resolved.kind == "artifact":
-            return self._load_artifact(resolved, device, dtype, config_overrides)
-        spec = self.get(resolved.family or "")
-        config = spec.config(resolved.preset, **config_overrides)
-        return self.build(spec, config, preset=resolved.preset, device=device, dtype=dtype)
+            model = load_checkpoint(resolved.path or "", registry=self, device=device, dtype=dtype)
+        elif resolved.kind == "artifact":
+            model = self._load_artifact(resolved, device, dtype, config_overrides)
+        else:
+            spec = self._spec_of(resolved)
+            config = spec.config(resolved.preset, **config_overrides)
+            model = self.build(spec, config, preset=resolved.preset, device=device, dtype=dtype)
+        if validate is not None:
+            model.validate_outputs = bool(validate)
+        return model
 
     def build(
         self,
@@ -529,6 +581,11 @@ class Registry:
         """Import ``spec.model`` now and build it from a full ``config`` (no weights loaded).
 
         The model keeps ``spec`` as ``model.family_spec``, which its ``io_contract()`` reads.
+
+        Raises:
+            ConfigError: before anything is allocated, a field of the wrong type, a value the
+                family's ``validate_config`` rejects, or more parameters than its ceiling
+                (`FamilySpec.check_config`); and a constructor that fails on the config.
         """
         from ..protocol._model import WorldModel
 
@@ -544,7 +601,18 @@ class Registry:
                 family=spec.name,
                 distribution=spec.distribution,
             )
-        model = cls.from_config(dict(config))
+        spec.check_config(config)  # types, the family's rules, the parameter ceiling
+        try:
+            model = cls.from_config(dict(config))
+        except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as exc:
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                f"family {spec.name!r} could not be built from its config: "
+                f"{type(exc).__name__}: {str(exc)[:300]}",
+                hint="a config value is out of the range the family supports",
+                family=spec.name,
+            ) from exc
         model.preset = preset
         # The base io_contract() reads it, so a model built by an isolated registry (whose
         # family the process-wide one may not know) still has its contract.
@@ -591,9 +659,16 @@ def _opt_str(value: Any) -> str | None:
 
 
 def _json_format(path: Path) -> Any:
+    """The ``format`` of a JSON file, read confined, bounded and strictly; None if unreadable."""
+    from .._files import ArtifactDir
+    from .._json import loads
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        with ArtifactDir(path.parent, ResolutionError) as adir:
+            data = loads(
+                adir.read(path.name, what="JSON file"), what=str(path), error=ResolutionError
+            )
+    except ResolutionError:
         return None
     return data.get("format") if isinstance(data, dict) else None
 

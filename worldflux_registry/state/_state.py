@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .._dims import dim
-from ..errors import ContractError
+from ..errors import ContractError, ShapeMismatchError, StateError
 
 if TYPE_CHECKING:
     import torch
@@ -47,13 +47,25 @@ class State:
         """State keys in insertion order."""
         return list(self.tensors)
 
+    def get(self, key: str, default: Tensor | None = None) -> Tensor | None:
+        """The tensor under ``key``, or ``default`` when the State has none."""
+        return self.tensors.get(key, default)
+
     @property
-    def batch_size(self) -> int | None:
-        """The shared leading dim of the tensors (None when every tensor is 0-dim or none)."""
+    def batch_size(self) -> int:
+        """The shared leading dim of the tensors (0-dim tensors carry no batch and are skipped).
+
+        Raises:
+            StateError: the State has no tensor with a batch dim (an empty State), as in
+                WorldFlux. Also a ``ValueError``.
+        """
         for tensor in self.tensors.values():
             if tensor.dim() > 0:
                 return dim(tensor.shape[0])
-        return None
+        raise StateError(
+            "State has no tensors to infer batch size",
+            hint="an empty State (or one of 0-dim tensors only) has no batch",
+        )
 
     @property
     def device(self) -> torch.device | None:
@@ -66,9 +78,13 @@ class State:
         """Validate state tensor shapes and batch consistency; return self.
 
         Raises:
-            ContractError: a value that is not a tensor, or tensors whose leading (batch) dims
-                differ. 0-dim tensors carry no batch and are allowed.
+            StateError: the State has no tensors (as in WorldFlux).
+            ShapeMismatchError: tensors whose leading (batch) dims differ (0-dim tensors carry
+                no batch and are allowed).
+            ContractError: a value that is not a tensor.
         """
+        if not self.tensors:
+            raise StateError("State has no tensors", hint="a State needs at least one tensor")
         batch: tuple[str, int] | None = None
         for key, tensor in self.tensors.items():
             if not hasattr(tensor, "shape") or not hasattr(tensor, "dim"):
@@ -81,8 +97,10 @@ class State:
             if batch is None:
                 batch = (key, size)
             elif size != batch[1]:
-                raise ContractError(
+                raise ShapeMismatchError(
                     f"state key {key!r} has batch {size} but {batch[0]!r} has batch {batch[1]}",
+                    expected=(batch[1],),
+                    got=(size,),
                     hint="every state tensor shares its leading batch dim",
                 )
         return self
@@ -98,6 +116,10 @@ class State:
     def detach(self) -> State:
         """A new State with every tensor detached from the autograd graph."""
         return self.map(lambda t: t.detach())
+
+    def clone(self) -> State:
+        """A new State with every tensor cloned and ``meta`` copied (nothing shared)."""
+        return self.map(lambda t: t.clone())
 
     @classmethod
     def from_mapping(
@@ -202,9 +224,9 @@ class State:
             return
         self.tensors = {}
         if unlink:
-            from ._shm import unlink as unlink_segment
+            from ._shm import unlink_attached
 
-            unlink_segment({"format": "worldflux.state.shm", "version": "v1", "segment": segment})
+            unlink_attached(segment)
 
     @staticmethod
     def unlink_shared_memory(descriptor: Mapping[str, Any]) -> None:

@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+from .._json import MAX_JSON_BYTES, short
+from .._json import loads as load_json
 from ..errors import StateFormatError
 
 if TYPE_CHECKING:
@@ -33,6 +35,7 @@ __all__ = [
     "HEADER",
     "MAGIC",
     "TensorRecord",
+    "check_bool_bytes",
     "check_meta",
     "check_state_meta",
     "decode",
@@ -64,6 +67,10 @@ DTYPE_ITEMSIZE: Final = {
 }
 FLOAT_DTYPES: Final = frozenset({"float16", "float32", "float64", "bfloat16"})
 _INT64_MAX: Final = 2**63 - 1
+#: Most dimensions a tensor of a State payload or descriptor may have.
+MAX_DIMS: Final = 32
+#: Largest State metadata (the JSON between header and tensor bytes): 16 MiB.
+MAX_META_BYTES: Final = MAX_JSON_BYTES
 _BIG_ENDIAN: Final = sys.byteorder == "big"
 
 
@@ -115,36 +122,48 @@ def parse_record(raw: object, index: int, *, where: str = "State payload") -> Te
     name = raw.get("name")
     if not isinstance(name, str) or not name:
         raise StateFormatError(f"{where}: tensor entry {index} has no non-empty string 'name'")
+    shown = short(name, 80)
     dtype = raw.get("dtype")
     if not isinstance(dtype, str) or dtype not in DTYPE_ITEMSIZE:
         raise StateFormatError(
-            f"{where}: tensor {name!r} has unknown dtype {dtype!r}",
+            f"{where}: tensor {shown} has unknown dtype {short(dtype, 40)}",
             hint=f"known dtypes: {', '.join(DTYPE_ITEMSIZE)}",
         )
     shape_raw = raw.get("shape")
     if not isinstance(shape_raw, list):
-        raise StateFormatError(f"{where}: tensor {name!r} has shape {shape_raw!r}, not a list")
+        raise StateFormatError(f"{where}: tensor {shown} has shape {short(shape_raw)}, not a list")
+    if len(shape_raw) > MAX_DIMS:
+        raise StateFormatError(
+            f"{where}: tensor {shown} has {len(shape_raw)} dims; the limit is {MAX_DIMS}"
+        )
+    size = 1
     for dim in shape_raw:
         if not _is_int(dim):
             raise StateFormatError(
-                f"{where}: tensor {name!r} has non-integer dim {dim!r} in shape {shape_raw!r}"
+                f"{where}: tensor {shown} has non-integer dim {short(dim, 40)} in shape "
+                f"{short(shape_raw)}"
             )
         if dim < 0:
             raise StateFormatError(
-                f"{where}: tensor {name!r} has negative dim {dim} in shape {shape_raw!r}"
+                f"{where}: tensor {shown} has negative dim {short(dim, 40)} in shape "
+                f"{short(shape_raw)}"
+            )
+        # torch sizes (and contiguous strides) are int64: a zero dim must not smuggle in huge
+        # others. Checked dim by dim, so the product never grows past int64.
+        size *= max(dim, 1)
+        if size > _INT64_MAX:
+            raise StateFormatError(
+                f"{where}: tensor {shown} has shape {short(shape_raw)} too large"
             )
     shape = tuple(shape_raw)
-    # torch sizes (and contiguous strides) are int64: a zero dim must not smuggle in huge others.
-    if math.prod(max(dim, 1) for dim in shape) > _INT64_MAX:
-        raise StateFormatError(f"{where}: tensor {name!r} has shape {shape_raw!r} too large")
     nbytes = raw.get("nbytes")
     if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
-        raise StateFormatError(f"{where}: tensor {name!r} has invalid nbytes {nbytes!r}")
+        raise StateFormatError(f"{where}: tensor {shown} has invalid nbytes {short(nbytes, 40)}")
     expected = math.prod(shape) * DTYPE_ITEMSIZE[dtype]
     if nbytes != expected:
         raise StateFormatError(
-            f"{where}: tensor {name!r} declares nbytes={nbytes} but shape {list(shape)} of "
-            f"{dtype} holds {expected} bytes"
+            f"{where}: tensor {shown} declares nbytes={short(nbytes, 40)} but shape "
+            f"{short(list(shape))} of {dtype} holds {expected} bytes"
         )
     requires_grad = raw.get("requires_grad", False)
     if not isinstance(requires_grad, bool):
@@ -292,11 +311,14 @@ def encode(
 def _as_byte_view(payload: object) -> memoryview:
     try:
         view = memoryview(payload)  # type: ignore[arg-type]
-    except TypeError:
+    except (TypeError, BufferError):
         raise StateFormatError(
             f"State payload is a {type(payload).__name__}, not bytes",
             hint="pass the bytes returned by State.serialize()",
         ) from None
+    if not view.c_contiguous:
+        # A strided buffer (a sliced array): read its bytes in logical order, once.
+        view = memoryview(view.tobytes())
     if view.ndim != 1 or view.itemsize != 1 or view.format not in ("B", "b", "c"):
         try:
             view = view.cast("B")
@@ -330,12 +352,19 @@ def decode(payload: object) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise StateFormatError(
             f"State metadata length {meta_len} runs past the end of the {size}-byte payload"
         )
-    try:
-        document = json.loads(bytes(view[HEADER.size : data_start]).decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise StateFormatError(f"State metadata is not UTF-8: {exc}") from None
-    except (ValueError, RecursionError) as exc:
-        raise StateFormatError(f"State metadata is not valid JSON: {exc}") from None
+    if meta_len > MAX_META_BYTES:
+        raise StateFormatError(
+            f"State metadata is {meta_len} bytes; the limit is {MAX_META_BYTES}",
+            hint="keep State.meta small; put data in tensors",
+        )
+    # NaN / Infinity pass: the reference writes them as JSON literals.
+    document = load_json(
+        bytes(view[HEADER.size : data_start]),
+        what="State metadata",
+        error=StateFormatError,
+        allow_nan=True,
+        unreadable="is not valid JSON",
+    )
     if not isinstance(document, dict):
         raise StateFormatError(f"State metadata is a JSON {type(document).__name__}, not an object")
     if document.get("format") != FORMAT_NAME:
@@ -390,7 +419,23 @@ def decode(payload: object) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             itemsize = DTYPE_ITEMSIZE[record.dtype]
             if _BIG_ENDIAN and itemsize > 1:
                 dst[:] = _swap_bytes(dst, itemsize)
+        if record.dtype == "bool":
+            check_bool_bytes(record.name, tensor)
         if record.requires_grad:
             tensor.requires_grad_(True)
         tensors[record.name] = tensor
     return tensors, meta
+
+
+def check_bool_bytes(name: str, tensor: torch.Tensor) -> None:
+    """Raise `StateFormatError` when a bool tensor holds a byte other than 0 or 1.
+
+    torch keeps such bytes as they are (``x == True`` is then false for a "true" value).
+    """
+    import torch
+
+    if tensor.numel() and int(tensor.reshape(-1).view(torch.uint8).max()) > 1:
+        raise StateFormatError(
+            f"State tensor {short(name, 80)} is bool but holds bytes other than 0 and 1",
+            hint="the payload is corrupt or was not written by State.serialize()",
+        )

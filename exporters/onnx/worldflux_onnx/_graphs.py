@@ -247,7 +247,9 @@ class GraphModule(nn.Module):
                 )
             value = out[port.name]
             want = getattr(torch, port.spec.dtype)
-            if value.dtype != want:
+            # Only the half export's float16 results go back to the contract's float dtype:
+            # any other disagreement is the model's, and `check_traced_outputs` reports it.
+            if self.cast_half and value.dtype == torch.float16 and want.is_floating_point:
                 value = value.to(want)
             results.append(value)
         return tuple(results)
@@ -269,15 +271,51 @@ class GraphModule(nn.Module):
             out.update(_prefixed("pred", traj.predictions or {}))
             return out
         if graph == "encode":
-            result = model.encode(WorldModelInput(group["obs"], conditions), det).tensors
+            result = model.encode(WorldModelInput(group["obs"], conditions=conditions), det).tensors
         elif graph == "decode":
             return _prefixed("pred", model.decode(State(group["state"]), conditions).predictions)
         elif graph == "transition":
             result = model.transition(State(group["state"]), action, conditions, det).tensors
         else:
-            obs = WorldModelInput(group["obs"], None)
+            obs = WorldModelInput(group["obs"], conditions=None)
             result = model.update(State(group["state"]), action, obs, conditions, det).tensors
         return _prefixed("new_state", result)
+
+
+def check_traced_outputs(exported: Any, args: Sequence[Tensor], sig: GraphSignature) -> None:
+    """Run the traced graph on its example inputs; raise `ExportError` for the first output
+    whose shape or dtype disagrees with the contract.
+
+    The message names the graph (the step), the output, what it produced and what the contract
+    declares, with the example batch bound (e.g. a decode output ``[batch, 3, 32, 32]`` where
+    the contract says ``[batch, 32, 32, 3]``, or float64 where it says float32).
+    """
+    batch = int(args[0].shape[sig.inputs[0].batch_axis])
+    with torch.no_grad():
+        values = exported.module()(*args)
+    if isinstance(values, Tensor):
+        values = (values,)
+    for port, value in zip(sig.outputs, values, strict=True):
+        declared = (*port.lead, *port.spec.shape)
+        got = tuple(int(d) for d in value.shape)
+        dtype = str(value.dtype).removeprefix("torch.")
+        bound = {"batch": batch}
+        shape_ok = len(got) == len(declared) and all(
+            bound.setdefault(d, g) == g if isinstance(d, str) else d == g
+            for d, g in zip(declared, got, strict=True)
+        )
+        if shape_ok and dtype == port.spec.dtype:
+            continue
+        expected = "[" + ", ".join(str(d) for d in declared) + "]"
+        raise ExportError(
+            f"graph {sig.graph!r}: the model's {sig.base}() gives output {port.name!r} with shape "
+            f"{list(got)} and dtype {dtype}, but the contract declares {expected} {port.spec.dtype}"
+            f" (batch={batch})",
+            hint="make the step return what its contract declares (layout and dtype), or fix "
+            "the contract; the conformance kit (worldflux_registry.testing) checks this",
+            graph=sig.graph,
+            output=port.name,
+        )
 
 
 def _prefixed(prefix: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -14,7 +14,6 @@ import re
 import shutil
 import tempfile
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from worldflux_registry import ExportError, IOContract
+from worldflux_registry.plugin_api import temp_sibling
 
 from ._graphs import (
     ALL_GRAPHS,
@@ -36,6 +36,7 @@ from ._graphs import (
     GraphModule,
     GraphSignature,
     check_graphs,
+    check_traced_outputs,
     example_inputs,
     signature,
     without_unused_conditions,
@@ -49,6 +50,9 @@ from ._manifest import (
     META_FINGERPRINT,
     META_GRAPH,
     META_PRESET,
+    check_opset,
+    check_replaceable,
+    install,
     sha256_file,
     write_json_atomic,
 )
@@ -111,16 +115,10 @@ def export_model(
         )
     if example_batch < 2:
         raise ExportError("example_batch must be >= 2 so the batch axis stays symbolic")
-    opset = DEFAULT_OPSET if opset is None else int(opset)
+    opset = check_opset(DEFAULT_OPSET if opset is None else opset)
     contract: IOContract = model.io_contract()  # type: ignore[operator]
     selected = _select_graphs(model, graphs)
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise ExportError(
-            f"{out} exists and is not an export directory",
-            hint="choose an empty or new directory",
-        )
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} exists", hint="pass overwrite=True or another directory")
+    check_replaceable(out, overwrite=overwrite)  # early; checked again under the lock
 
     fingerprint = contract.fingerprint()
     family = getattr(model, "family", None)
@@ -132,7 +130,7 @@ def export_model(
         META_EXPORTER: _version("worldflux-onnx") or "",
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temp_sibling(out)
     tmp.mkdir()
     was_training = model.training
     try:
@@ -180,8 +178,9 @@ def export_model(
             "versions": _versions(family),
             "parity": None,
         }
+        _check_written_opset(tmp, entries, opset)
         write_json_atomic(tmp / MANIFEST, manifest)
-        _replace_dir(tmp, out)
+        install(tmp, out, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -237,6 +236,7 @@ def _export_graph(
         raise
     except Exception as exc:
         raise _trace_failure(wrapper, args, sig, exc) from exc
+    check_traced_outputs(exported, args, sig)
     try:
         program = _torch_export(exported, sig, opset)
     except Exception as exc:
@@ -515,20 +515,20 @@ def _half_model(model: nn.Module) -> nn.Module:
     return half.eval()
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move ``tmp`` to ``out``; an existing ``out`` is swapped out first, then removed."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _check_written_opset(tmp: Path, entries: dict[str, Any], opset: int) -> None:
+    """Raise `ExportError` when a graph file declares another default-domain opset than asked
+    (an exporter that ignores the request must not leave a manifest that records it)."""
+    import onnx
+
+    for graph, entry in entries.items():
+        model = onnx.load(str(tmp / entry["file"]), load_external_data=False)
+        written = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+        if written != opset:
+            raise ExportError(
+                f"asked for opset {opset}, but graph {graph!r} was written with opset {written}",
+                hint=f"use opset {written}, or leave --opset out for the default",
+                graph=graph,
+            )
 
 
 def _version(dist: str) -> str | None:

@@ -37,7 +37,7 @@ from ._graphs import (
     signature,
     without_unused_conditions,
 )
-from ._manifest import META_FINGERPRINT, META_GRAPH, read_manifest, sha256_file
+from ._manifest import META_FINGERPRINT, META_GRAPH, read_verified
 from ._providers import ProviderPlan, resolve_providers
 
 __all__ = ["OnnxWorldModel", "load_artifact"]
@@ -76,6 +76,7 @@ def load_artifact(
     use_tf32: bool = False,
     fused_rollout: bool = True,
     io_binding: bool = False,
+    validate: bool | None = None,
 ) -> OnnxWorldModel:
     """Load an ONNX export directory as an `OnnxWorldModel`, verifying it first.
 
@@ -105,6 +106,9 @@ def load_artifact(
             ORT-allocated results.
         fused_rollout: Run ``rollout`` through the export's fused ``rollout`` graph when it has
             one (False: leave that graph unloaded and roll out step by step, e.g. to compare).
+        validate: Check every step's outputs against the contract (`ContractError` naming the
+            step and the tensor), as `WorldModel.validate_outputs`; None keeps its default
+            (``WORLDFLUX_REGISTRY_VALIDATE``).
 
     Raises:
         ExportError: a missing, tampered or future-format artifact (the message says which).
@@ -127,7 +131,8 @@ def load_artifact(
         else:
             raise BackendError(f"no ONNX Runtime provider for device {device!r}")
     directory = Path(path)
-    manifest, contract = read_manifest(directory)
+    # manifest schema and every file's sha256, through one opened directory
+    manifest, contract = read_verified(directory)
     fingerprint = manifest["fingerprint"]
     if contract.fingerprint() != fingerprint:
         raise ExportError(
@@ -136,24 +141,6 @@ def load_artifact(
             hint="the manifest was edited; re-export the model",
         )
     graphs: dict[str, Any] = manifest["graphs"]
-    for graph, entry in graphs.items():
-        files = [entry, *entry.get("external_data", ())]
-        for item in files:
-            file = directory / item["file"]
-            if not file.is_file():
-                raise ExportError(
-                    f"graph {graph!r} file {item['file']} is missing from {directory}",
-                    hint="copy the whole export directory, or re-export",
-                    graph=graph,
-                )
-            digest = sha256_file(file)
-            if digest != item["sha256"]:
-                raise ExportError(
-                    f"graph {graph!r} file {file} has sha256 {digest}, but the manifest records "
-                    f"{item['sha256']}: the file was modified",
-                    hint="re-export the model; never edit export files in place",
-                    graph=graph,
-                )
     precision = manifest.get("precision", "fp32")
     plan = resolve_providers(
         providers,
@@ -234,6 +221,7 @@ def load_artifact(
         cuda_graph=cuda_graph,
         use_tf32=use_tf32,
         io_binding=io_binding,
+        validate=validate,
     )
 
 
@@ -263,8 +251,11 @@ class OnnxWorldModel(WorldModel):
         cuda_graph: bool = False,
         use_tf32: bool = False,
         io_binding: bool = False,
+        validate: bool | None = None,
     ) -> None:
         super().__init__()
+        if validate is not None:
+            self.validate_outputs = validate
         self.directory = directory
         self.artifact_dir = directory
         self.backend = "onnxruntime"
@@ -478,8 +469,8 @@ class OnnxWorldModel(WorldModel):
         return Trajectory(
             states=states,
             actions=actions,
-            rewards=predictions.get("reward"),
-            continues=predictions.get("continue"),
+            rewards=_per_step(predictions.get("reward")),
+            continues=_per_step(predictions.get("continue")),
             predictions=predictions,
         )
 
@@ -606,13 +597,29 @@ class OnnxWorldModel(WorldModel):
         for name, want in run.inputs:
             value = inputs[name]
             if value.dtype != want:
-                if not (value.is_floating_point() and want.is_floating_point):
+                # float to float, and integer labels of another width (int32 for an int64
+                # contract), are cast as the torch model casts them; anything else is refused
+                if not (value.is_floating_point() and want.is_floating_point) and not (
+                    _is_integer(value.dtype) and _is_integer(want)
+                ):
                     raise ContractError(
                         f"{run.graph} input {name!r} has dtype {value.dtype}, expected {want}"
                     )
                 value = value.to(want)
             feed[name] = value
         return self._runner.run(run, feed, batch, out)
+
+
+def _per_step(value: Tensor | None) -> Tensor | None:
+    """A stacked ``[T, batch, 1]`` reward or continue as ``[T, batch]``, as the torch rollout
+    (and WorldFlux) gives it; any other layout as it is."""
+    if value is not None and value.dim() == 3 and value.shape[-1] == 1:
+        return value.squeeze(-1)
+    return value
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
 def _batch_of(inputs: Mapping[str, Tensor]) -> int:
@@ -632,6 +639,17 @@ def _tf32_in_force(plan: ProviderPlan, use_tf32: bool) -> bool | dict[str, bool]
     if "tensorrt" not in plan.names:
         return cuda
     return {"cuda": cuda, "tensorrt": not override_off}
+
+
+def _runtime_failure(graph: _GraphRun, exc: BaseException) -> BackendError:
+    """A `BackendError` naming the graph for a failure inside ONNX Runtime's ``run``."""
+    first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return BackendError(
+        f"ONNX Runtime failed running graph {graph.graph!r}: {first[:300]}",
+        hint="the inputs may be too large for the graph (an allocation sized from an input), "
+        "or the graph file is damaged; try a smaller batch, or re-export",
+        graph=graph.graph,
+    )
 
 
 class _GraphRun:
@@ -723,7 +741,10 @@ class _CpuRunner(_Runner):
             if value.requires_grad:
                 value = value.detach()
             arrays[name] = value.contiguous().numpy()
-        results = graph.session.run(graph.output_names, arrays)
+        try:
+            results = graph.session.run(graph.output_names, arrays)
+        except Exception as exc:
+            raise _runtime_failure(graph, exc) from exc
         tensors = {}
         for key, array in zip(graph.output_keys, results, strict=True):
             if not array.flags.writeable:  # torch.from_numpy would warn; never seen from ORT
@@ -788,7 +809,10 @@ class _BoundRunner(_Runner):
             if not value.is_contiguous() or value.device != self.device:
                 scratch[key] = torch.empty(value.shape, dtype=value.dtype, device=self.device)
             self._bind(binding, name, scratch.get(key, value), output=True)
-        graph.session.run_with_iobinding(binding)
+        try:
+            graph.session.run_with_iobinding(binding)
+        except Exception as exc:
+            raise _runtime_failure(graph, exc) from exc
         for key, value in scratch.items():
             out[key].copy_(value)
         return out
@@ -818,7 +842,10 @@ class _BoundRunner(_Runner):
         binding, inputs, outputs, options = self._captured[key]
         for name, value in feed.items():
             inputs[name].copy_(value)
-        graph.session.run_with_iobinding(binding, options)
+        try:
+            graph.session.run_with_iobinding(binding, options)
+        except Exception as exc:
+            raise _runtime_failure(graph, exc) from exc
         # The captured buffers are overwritten by the next replay: copy out, never alias.
         for name, k in zip(graph.output_names, graph.output_keys, strict=True):
             out[k].copy_(outputs[name])
