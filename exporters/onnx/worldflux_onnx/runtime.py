@@ -39,6 +39,7 @@ from ._graphs import (
 )
 from ._manifest import META_FINGERPRINT, META_GRAPH, read_verified
 from ._providers import ProviderPlan, resolve_providers
+from ._session import session_options as default_session_options
 
 __all__ = ["OnnxWorldModel", "load_artifact"]
 
@@ -71,6 +72,7 @@ def load_artifact(
     trt_fp16: bool | None = None,
     trt_cache_dir: str | os.PathLike[str] | None = None,
     session_options: Any = None,
+    threads: int | None = None,
     device: str | torch.device | None = None,
     dtype: Any = None,
     use_tf32: bool = False,
@@ -92,6 +94,10 @@ def load_artifact(
             into fixed buffers before each replay).
         trt_fp16: TensorRT fp16 kernels (default: on when the export is fp16).
         trt_cache_dir: TensorRT engine and timing caches (default ``<export>/trt_cache``).
+        session_options: An `onnxruntime.SessionOptions` used as is, for full control.
+        threads: Intra-op threads of the default session options (see
+            `worldflux_onnx._session.session_options`: no spin-waiting, the usable cores up to
+            4); ignored when ``session_options`` is given.
         device: ``registry.load(dir, device=...)``: ``"cpu"`` means ``providers=["cpu"]``,
             ``"cuda"`` / ``"cuda:N"`` means ``["cuda", "cpu"]`` on device N (when ``providers``
             is left at ``"auto"``).
@@ -167,6 +173,8 @@ def load_artifact(
                 hint="the manifest was edited or damaged; re-export the model",
                 graph=graph,
             )
+    if session_options is None:
+        session_options = default_session_options(threads)
     sessions: dict[str, Any] = {}
     for graph, entry in graphs.items():
         if graph.removesuffix(MODE_SUFFIX) == ROLLOUT and not fused_rollout:
