@@ -36,7 +36,7 @@ def register(subparsers: Any) -> None:
         metavar="N",
         help="steps unrolled in the fused rollout graph (default: the exporter's, 16)",
     )
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
     p.add_argument(
         "--mode-graphs",
         action="store_true",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._files import atomic_write
-from ..errors import ExportError
+from ..errors import ExportError, ParityError
 from ..registry._artifact import MANIFEST_FILE, read_artifact_manifest
 
 if TYPE_CHECKING:
@@ -49,10 +49,12 @@ def export(
         out_dir: The artifact directory (replaced if it holds an earlier export).
         opset: ONNX opset; the exporter's pinned default when None.
         graphs: Graph names, or ``"all"`` (adds ``"update"`` for families that support it).
-        precision: ``"fp32"`` or ``"fp16"``.
+        precision: ``"fp32"``, ``"fp16"`` or ``"int8"`` (the exporter's reduced precisions).
         check: Run `parity.check` between the model and the loaded artifact and store its
             summary in the manifest (a mapping passes options to `parity.check`). A failing
-            check warns; it does not raise.
+            check warns, except for ``precision="int8"``: quantization is a trade chosen for
+            speed, and an int8 artifact outside its tolerances is refused (`ParityError`
+            naming the outputs; the artifact stays on disk with the failed verdict recorded).
         registry: The registry to resolve refs and exporters in (default the global one).
         **options: Passed to the exporter (e.g. ``progress=callback(graph, stage)``).
 
@@ -80,6 +82,12 @@ def export(
         report = check_export(
             model, out, format, registry=registry, **({} if check is True else dict(check))
         )
+        if report is not None and not report.passed and precision == "int8":
+            raise ParityError(
+                f"the int8 export in {out} is outside the int8 tolerances: "
+                f"{report.summary().get('failures')}",
+                hint="keep those layers in float32 (WorldModel.keep_in_fp32), or export fp32",
+            )
         if report is not None and not report.passed:
             warnings.warn(
                 f"parity check of the {spec.name} export in {out} failed: "
@@ -102,8 +110,8 @@ def check_export(
     ``model`` (``options`` go to it) and store the summary in the manifest's ``parity`` entry.
 
     Unless ``options`` say otherwise, the rollouts cover at least one horizon of a fused
-    rollout graph, and a half-precision artifact is judged on its steps (``enforce``), its
-    rollouts reported but not failing: one categorical sample flipped by rounding is a large
+    rollout graph, and a half-precision or int8 artifact is judged on its steps (``enforce``),
+    its rollouts reported but not failing: one categorical sample flipped by rounding is a large
     flip rate in a small batch, and sends a free-running rollout down another path.
 
     Returns None (with a warning) only when the parity package cannot be imported.
@@ -131,8 +139,8 @@ def check_export(
         spec.loader, what=f"exporter {spec.name!r} loader", distribution=spec.distribution
     )
     candidate = loader(Path(out))
-    half = normalize_precision(getattr(candidate, "precision", None)) in ("float16", "bfloat16")
-    if half and "enforce" not in options:
+    reduced = normalize_precision(getattr(candidate, "precision", None))
+    if reduced in ("float16", "bfloat16", "int8") and "enforce" not in options:
         # In half precision a categorical sample can flip (see DEFAULT_TOLERANCES): one flip
         # in a small batch is a large flip *rate*, and a free-running rollout then follows
         # another path. Judge each graph on the same inputs; report the rollouts.

@@ -61,6 +61,12 @@ class Tolerance:
             ) from None
 
 
+#: int8 (dynamic quantization of MatMul/Gemm): each quantized product is off by up to ~1% of its
+#: scale, and a network stacks a few: outputs drift by a few percent, and a categorical sample
+#: whose two best logits are within that drift flips.
+INT8_RTOL = 0.1
+INT8_ATOL = 0.05
+INT8_MAX_FLIP_RATE = 0.05
 #: Default tolerance per compute dtype. float64 and float32 are ``torch.testing.assert_close``'s
 #: values. Those for float16 and bfloat16 are for one op: a whole network computed in half
 #: rounds at every layer (an fp16 export of ``dreamerv3:ci`` is off by up to 3e-4 absolute and
@@ -73,6 +79,7 @@ DEFAULT_TOLERANCES: Final[Mapping[str, Tolerance]] = MappingProxyType(
         "float32": Tolerance(rtol=1.3e-6, atol=1e-5),
         "float16": Tolerance(rtol=1e-2, atol=1e-3, max_flip_rate=0.01),
         "bfloat16": Tolerance(rtol=5e-2, atol=1e-2, max_flip_rate=0.02),
+        "int8": Tolerance(rtol=INT8_RTOL, atol=INT8_ATOL, max_flip_rate=INT8_MAX_FLIP_RATE),
     }
 )
 #: Integer and boolean outputs must match exactly.
@@ -91,9 +98,11 @@ _PRECISION_ALIASES: Final = {
     "float16": "float16",
     "bf16": "bfloat16",
     "bfloat16": "bfloat16",
+    "int8": "int8",
+    "qint8": "int8",
 }
 # From tightest to loosest: a comparison takes the loosest precision either side computes in.
-_ORDER: Final = ("float64", "float32", "float16", "bfloat16")
+_ORDER: Final = ("float64", "float32", "float16", "bfloat16", "int8")
 
 #: Tolerance keys: ``"graph/output"``, ``"output"`` or ``"graph"`` -> tolerance.
 TolerancesLike = Mapping[str, "Tolerance | Mapping[str, float] | Iterable[float]"]

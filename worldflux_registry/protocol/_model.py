@@ -65,6 +65,11 @@ class WorldModel(nn.Module, ABC):
     #: The `FamilySpec` this model was built from: set by `Registry.build` (so by
     #: ``registry.load``), None for a model instantiated directly.
     family_spec: FamilySpec | None = None
+    #: Parameter-name prefixes (state-dict keys, e.g. ``"rew.head"``) of layers that
+    #: reduced-precision exports keep in float32: heads whose outputs float32 noise already
+    #: strains, such as categorical logits and raw-space two-hot readouts. An int8 ONNX export
+    #: leaves their MatMul/Gemm unquantized (cf. ``_keep_in_fp32_modules`` in transformers).
+    keep_in_fp32: ClassVar[tuple[str, ...]] = ()
     #: Check every step's outputs against the contract (`ContractError` on a disagreement).
     #: Default: on when ``WORLDFLUX_REGISTRY_VALIDATE=1``; ``registry.load(..., validate=True)``
     #: sets it per model.

@@ -70,7 +70,7 @@ def sha256_file(path: Path) -> str:
 #: Opsets accepted by ``export(..., opset=)``; the opset written is checked to be the one asked.
 MIN_OPSET = 13
 MAX_OPSET = 23
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 _GRAPH_NAME = re.compile(r"^(encode|transition|update|decode|rollout)(\.mode)?$")
 _SHA256 = re.compile(r"^sha256:[0-9a-f]{64}$")
 _REEXPORT = "the manifest was edited or damaged; re-export the model"
@@ -144,7 +144,7 @@ def check_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
             raise _fail(path, f"has a {key!r} entry that is not a {kind.__name__}")
     precision = manifest.get("precision", "fp32")
     if precision not in PRECISIONS:
-        raise _fail(path, f"has precision {str(precision)[:40]!r}; expected fp32 or fp16")
+        raise _fail(path, f"has precision {str(precision)[:40]!r}; expected fp32, fp16 or int8")
     opset = manifest.get("opset", MIN_OPSET)
     if not _is_int(opset) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise _fail(path, f"has opset {str(opset)[:40]!r}; expected {MIN_OPSET}..{MAX_OPSET}")

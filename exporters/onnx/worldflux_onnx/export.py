@@ -61,7 +61,10 @@ __all__ = ["DEFAULT_OPSET", "PRECISIONS", "export_model"]
 
 #: Opset used when none is asked for: the newest that TensorRT 10 and ORT >= 1.18 both run.
 DEFAULT_OPSET = 18
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
+#: ONNX operators that ``precision="int8"`` quantizes (dynamic int8: weights int8, activations
+#: quantized per call); everything else stays float32.
+INT8_OPS = ("MatMul", "Gemm")
 #: Batch size of the example inputs: >= 2 so the exporter cannot specialise the batch to 1.
 EXAMPLE_BATCH = 2
 #: Steps unrolled in the fused ``rollout`` graph when none is asked for.
@@ -94,8 +97,10 @@ def export_model(
             allow. ``"rollout"`` (asked for by name) adds the fused rollout graph:
             ``rollout_horizon`` transition + decode steps of the model's own ``rollout``,
             unrolled into one graph that `OnnxWorldModel.rollout` runs once per horizon.
-        precision: ``"fp32"`` or ``"fp16"`` (weights and compute in half, graph inputs and outputs
-            float32, normalisation layers float32).
+        precision: ``"fp32"``, ``"fp16"`` (weights and compute in half, graph inputs and outputs
+            float32, normalisation layers float32) or ``"int8"`` (ONNX Runtime's dynamic int8
+            quantization of every MatMul/Gemm with a constant weight, one scale per weight;
+            inputs, outputs and every other operator float32).
         progress: Called as ``progress(graph, "start" | "done")``.
         example_batch: Batch of the tracing inputs (>= 2; the batch axis stays symbolic).
         mode_graphs: Also export ``<graph>.mode`` for each selected ``encode``, ``transition``,
@@ -156,6 +161,8 @@ def export_model(
                 {**meta, META_GRAPH: graph},
                 example_batch,
                 half=precision == "fp16",
+                int8=precision == "int8",
+                keep_fp32=tuple(getattr(model, "keep_in_fp32", ())),
             )
             if sig.deterministic:
                 entries[graph]["mode_of"] = sig.base
@@ -223,6 +230,8 @@ def _export_graph(
     batch: int,
     *,
     half: bool,
+    int8: bool = False,
+    keep_fp32: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     import onnx
 
@@ -262,6 +271,8 @@ def _export_graph(
     for key, value in meta.items():
         program.model.metadata_props[key] = value
     program.save(path)
+    if int8:
+        _quantize_int8(path, sig, keep_fp32)
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
@@ -282,6 +293,56 @@ def _export_graph(
     if data:
         entry["external_data"] = [{"file": p.name, "sha256": sha256_file(p)} for p in data]
     return entry
+
+
+def _quantize_int8(path: Path, sig: GraphSignature, keep_fp32: tuple[str, ...]) -> None:
+    """Replace the float32 graph at ``path`` by its dynamic-int8 quantization (in place).
+
+    MatMul/Gemm nodes whose weight is a parameter under one of ``keep_fp32`` (the model's
+    `WorldModel.keep_in_fp32`) stay float32.
+    """
+    import onnx
+
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError as exc:
+        raise ExportError(
+            "precision='int8' needs onnxruntime's quantization tools",
+            hint="pip install 'worldflux-registry[onnx]'",
+            graph=sig.graph,
+        ) from exc
+    quantized = path.with_name(path.name + ".int8")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    # Weights are initializers named after the wrapped model's module path: "model.<key>".
+    kept = [
+        node.name
+        for node in graph.node
+        if node.op_type in INT8_OPS
+        and any(
+            name.removeprefix("model.").startswith(prefix)
+            for name in node.input[1:2]
+            for prefix in keep_fp32
+        )
+    ]
+    try:
+        with _quiet():
+            quantize_dynamic(
+                str(path),
+                str(quantized),
+                weight_type=QuantType.QInt8,
+                per_channel=False,
+                op_types_to_quantize=list(INT8_OPS),
+                nodes_to_exclude=kept,
+                extra_options={"MatMulConstBOnly": True},
+            )
+        os.replace(quantized, path)
+    except Exception as exc:
+        quantized.unlink(missing_ok=True)
+        raise ExportError(
+            f"graph {sig.graph!r} could not be quantized to int8: {exc}",
+            hint="export with precision='fp32' and report the graph",
+            graph=sig.graph,
+        ) from exc
 
 
 def _drop_unread_conditions(graph: Any) -> None:

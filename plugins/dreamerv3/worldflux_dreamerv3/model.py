@@ -386,6 +386,10 @@ class DreamerV3WorldModel(WorldModel):
 
     family = spec.FAMILY
     capabilities = spec.CAPABILITIES
+    #: Kept float32 in int8 exports: the categorical logits of the posterior and prior (a
+    #: flipped sample sends the rollout elsewhere) and the raw-space two-hot heads (their readout
+    #: multiplies logit noise by ~1e7 near a flat head).
+    keep_in_fp32 = ("dyn.obslogit", "dyn.priorlogit", "rew.", "val.", "slowval.")
     bins: Tensor
 
     def __init__(self, **config: Any) -> None:
