@@ -120,6 +120,8 @@ class Client:
         self.retries = retries
         self.backoff_s = backoff_s
         self._info: dict[str, Any] | None = None
+        #: Attempts repeated after a transport failure or a misrouted session request.
+        self.retried = 0
 
     @classmethod
     def connect(cls, app: str = "worldflux", *, address: str | None = None, **kw: Any) -> Client:
@@ -163,6 +165,7 @@ class Client:
                     raise
                 failure = exc
             if attempt < self.retries:
+                self.retried += 1
                 time.sleep(delay)
                 delay = min(2 * delay, 2.0)
         raise ReplicaUnavailableError(
@@ -170,9 +173,10 @@ class Client:
             hint="check `serve status`; the deployment may be restarting or overloaded",
         )
 
-    def info(self) -> dict[str, Any]:
-        """What the server runs: fingerprint, family, preset, contract, ops and their inputs."""
-        if self._info is None:
+    def info(self, refresh: bool = False) -> dict[str, Any]:
+        """What the server runs: fingerprint, family, preset, contract, ops and their inputs
+        (cached; ``refresh`` asks again, e.g. for the answering replica's ``stats``)."""
+        if self._info is None or refresh:
             reply = self.call(Request(op="info", fingerprint=""))
             if reply.info is None:
                 raise PayloadError("the server's info reply holds no info")

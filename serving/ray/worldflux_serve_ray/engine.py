@@ -109,6 +109,8 @@ class Engine:
         self.max_sessions = max_sessions
         self._owner_alive = owner_alive or (lambda _tag: False)
         self._sessions = _Sessions()
+        #: Requests answered, batches run, and the most requests / rows one batch held.
+        self.stats = {"requests": 0, "batches": 0, "max_requests": 0, "max_rows": 0}
         graphs = self.manifest.get("graphs") or {}
         self.ops = {
             op: self._input_specs(op, graphs)
@@ -154,6 +156,8 @@ class Engine:
             },
             "session_ops": list(SESSION_OPS),
             "sessions": len(self._sessions.states),
+            "stats": dict(self.stats),
+            "tag": self.tag,
         }
 
     # -- sessions ----------------------------------------------------------------------------
@@ -397,6 +401,12 @@ class Engine:
 
     def _run(self, group: list[_Job]) -> list[Reply | WorldFluxRegistryError]:
         import torch
+
+        stats = self.stats
+        stats["requests"] += len(group)
+        stats["batches"] += 1
+        stats["max_requests"] = max(stats["max_requests"], len(group))
+        stats["max_rows"] = max(stats["max_rows"], sum(j.batch for j in group))
 
         op = group[0].op
         timed = {s.name for s in self.ops[op] if s.timed}
