@@ -35,15 +35,6 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 from test_onnx_export import THIRD_PARTY, exported  # noqa: E402
-
-from worldflux_registry import (  # noqa: E402
-    ConditionPayload,
-    ContractError,
-    State,
-    StateFormatError,
-    WorldModelInput,
-)
-from worldflux_registry.plugin_api import make_actions, make_noise, make_observations  # noqa: E402
 from worldflux_serve_ray import (  # noqa: E402
     Client,
     Engine,
@@ -61,6 +52,15 @@ from worldflux_serve_ray.wire import (  # noqa: E402
     decode_reply,
     encode_request,
 )
+
+from worldflux_registry import (  # noqa: E402
+    ConditionPayload,
+    ContractError,
+    State,
+    StateFormatError,
+    WorldModelInput,
+)
+from worldflux_registry.plugin_api import make_actions, make_noise, make_observations  # noqa: E402
 
 CLIENTS, STEPS = 32, 50
 os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "5")
@@ -134,8 +134,7 @@ def test_engine_batches_mixed_callers_exactly_and_isolates_a_bad_one(toy):
         inputs = {"action": actions[0], "noise.latent": noise[0].extras["wf.noise.latent"]}
         requests.append(Request("transition", fp, state=state, inputs=inputs))
         expected.append(toy.onnx.transition(state, actions[0], noise[0]))
-    bad = Request("transition", fp, state=requests[0].state,
-                  inputs={"action": torch.zeros(5, 2)})
+    bad = Request("transition", fp, state=requests[0].state, inputs={"action": torch.zeros(5, 2)})
     results = engine.handle([*requests[:3], bad, *requests[3:]])
     assert isinstance(results[3], ContractError)
     got = [r for i, r in enumerate(results) if i != 3]
@@ -174,16 +173,19 @@ def test_rollout_and_update_through_the_remote_model_match_local(served, toy):
         assert all(_same(a, b) for a, b in zip(got.states, want.states, strict=True))
         assert _same(got.predictions, want.predictions)
         cond = _noise(contract, "update", (3,), torch.Generator().manual_seed(1))
-        assert _same(model.update(state, actions[0], obs, cond),
-                     toy.onnx.update(state, actions[0], obs, cond))
+        assert _same(
+            model.update(state, actions[0], obs, cond),
+            toy.onnx.update(state, actions[0], obs, cond),
+        )
 
 
 def test_plain_http_json_request_matches_local(served, toy):
     _, _, port = served
     contract = toy.onnx.io_contract()
     g = torch.Generator().manual_seed(3)
-    state = toy.onnx.encode(WorldModelInput(make_observations(contract, (2,), g),
-                                            _noise(contract, "encode", (2,), g)))
+    state = toy.onnx.encode(
+        WorldModelInput(make_observations(contract, (2,), g), _noise(contract, "encode", (2,), g))
+    )
     action = make_actions(contract, (2,), g)
     noise = make_noise(contract, "transition", (2,), g)["latent"]
     info = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/info"))["info"]
@@ -191,19 +193,27 @@ def test_plain_http_json_request_matches_local(served, toy):
     def tensor(t):
         return {"dtype": "float32", "shape": list(t.shape), "data": t.reshape(-1).tolist()}
 
-    body = {"op": "transition", "fingerprint": info["fingerprint"],
-            "state": base64.b64encode(state.serialize()).decode(),
-            "inputs": {"action": tensor(action), "noise.latent": tensor(noise)}}
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/transition",
-                                     data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    body = {
+        "op": "transition",
+        "fingerprint": info["fingerprint"],
+        "state": base64.b64encode(state.serialize()).decode(),
+        "inputs": {"action": tensor(action), "noise.latent": tensor(noise)},
+    }
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/transition",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     reply = json.load(urllib.request.urlopen(request))
     got = State.deserialize(base64.b64decode(reply["state"]))
     want = toy.onnx.transition(state, action, ConditionPayload({"wf.noise.latent": noise}))
     assert _same(got, want)
     body["inputs"]["action"] = tensor(action[:, :1])
-    request = urllib.request.Request(request.full_url, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        request.full_url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(request)
     assert caught.value.code == 422
@@ -221,8 +231,9 @@ def test_bad_payloads_get_typed_4xx_errors_and_the_replicas_keep_serving(served,
     good = Request("transition", fp, state=state, inputs={"action": action, "noise.latent": noise})
     for c in (client, http):
         with pytest.raises(ContractError, match="contract 'sha256:0") as e:
-            c.call(Request("transition", "sha256:" + "0" * 64, state=state,
-                           inputs={"action": action}))
+            c.call(
+                Request("transition", "sha256:" + "0" * 64, state=state, inputs={"action": action})
+            )
         assert e.value.status == 409
         with pytest.raises(ContractError, match="shape") as e:
             c.call(Request("transition", fp, state=state, inputs={"action": action[:, :1]}))
@@ -231,8 +242,11 @@ def test_bad_payloads_get_typed_4xx_errors_and_the_replicas_keep_serving(served,
         with pytest.raises(ContractError):
             c.call(Request("transition", fp, state=wrong_state, inputs={"action": action}))
         with pytest.raises(ContractError, match="takes no inputs"):
-            c.call(Request("transition", fp, state=state,
-                           inputs={"action": action, "noise.latnet": action}))
+            c.call(
+                Request(
+                    "transition", fp, state=state, inputs={"action": action, "noise.latnet": action}
+                )
+            )
     # truncated State bytes inside a well-formed envelope: the State decoder's error
     truncated = state.serialize()[:-7]
     header = {"kind": "request", "op": "transition", "fingerprint": fp}
@@ -245,8 +259,9 @@ def test_bad_payloads_get_typed_4xx_errors_and_the_replicas_keep_serving(served,
         decode_reply(send(encode_request(good)[:-3], None))
     with pytest.raises(PayloadError):
         decode_reply(send(b"not an envelope", None))
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/call", data=envelope,
-                                     headers={"Content-Type": BINARY})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/call", data=envelope, headers={"Content-Type": BINARY}
+    )
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(request)
     assert caught.value.code == 400
@@ -318,8 +333,10 @@ def test_a_killed_replica_is_replaced_and_no_caller_gets_another_callers_state(s
         assert all(_same(a, b) for a, b in zip(got, _trace(toy.onnx, inputs[i]), strict=True))
     assert running > 0, "the replica was killed after the load, not during it"
     assert answered >= 1
-    print(f"killed with {running} callers running; retries after the kill: "
-          f"{client.retried - retried}; {answered}/{len(inputs)} callers answered exactly")
+    print(
+        f"killed with {running} callers running; retries after the kill: "
+        f"{client.retried - retried}; {answered}/{len(inputs)} callers answered exactly"
+    )
     for session in sessions:
         if session.id.startswith(victim_name + "|"):
             with pytest.raises(SessionLostError):

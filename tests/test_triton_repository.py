@@ -12,14 +12,13 @@ try:
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 except ImportError as exc:  # pragma: no cover - make installs tritonclient[grpc]
-    pytest.fail(f"tritonclient[grpc] is not importable ({exc}): make installs it",
-                pytrace=False)
+    pytest.fail(f"tritonclient[grpc] is not importable ({exc}): make installs it", pytrace=False)
 
-from test_onnx_export import THIRD_PARTY, exported  # noqa: E402
+from test_onnx_export import THIRD_PARTY, exported
+from worldflux_serve_ray.triton import validate_config, write_triton_repository
 
-from worldflux_registry import ExportError  # noqa: E402
-from worldflux_registry.cli import main  # noqa: E402
-from worldflux_serve_ray.triton import validate_config, write_triton_repository  # noqa: E402
+from worldflux_registry import ExportError
+from worldflux_registry.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +53,12 @@ def test_the_step_ensemble_feeds_the_new_state_to_decode(toy, tmp_path):
     text = (repo.root / "toyfamily_tiny_step" / "config.pbtxt").read_text()
     config = validate_config(text)
     assert config.platform == "ensemble"
-    transition, decode = config.ensemble_scheduling.step
+    _, decode = config.ensemble_scheduling.step
     assert decode.model_name == "toyfamily_tiny_decode"
-    assert dict(decode.input_map) == {"state.deter": "new_state.deter",
-                                      "state.latent": "new_state.latent"}
+    assert dict(decode.input_map) == {
+        "state.deter": "new_state.deter",
+        "state.latent": "new_state.latent",
+    }
     assert "state.deter" in [i.name for i in config.input]
 
 

@@ -19,8 +19,7 @@ from .errors import PayloadError, ReplicaUnavailableError, ServeError, SessionLo
 if TYPE_CHECKING:
     from .client import Client, RemoteWorldModel, Session
     from .engine import Engine
-    from .serve import serve_export
-    from .server import ServeOptions
+    from .serve import ServeOptions, serve_export
     from .triton import write_triton_repository
 
 __all__ = [
@@ -44,7 +43,7 @@ _LAZY = {
     "RemoteWorldModel": ".client",
     "Session": ".client",
     "Engine": ".engine",
-    "ServeOptions": ".server",
+    "ServeOptions": ".serve",
     "serve_export": ".serve",
     "write_triton_repository": ".triton",
 }

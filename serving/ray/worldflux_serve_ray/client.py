@@ -115,7 +115,7 @@ class Client:
         backoff_s: First pause between attempts (doubling, capped at 2 s).
     """
 
-    def __init__(self, transport: Transport, *, retries: int = 20, backoff_s: float = 0.05):
+    def __init__(self, transport: Transport, *, retries: int = 20, backoff_s: float = 0.05) -> None:
         self._send = transport
         self.retries = retries
         self.backoff_s = backoff_s
@@ -138,8 +138,9 @@ class Client:
         return cls(_handle_transport(serve.get_app_handle(app)), **kw)
 
     @classmethod
-    def http(cls, url: str = "http://127.0.0.1:8000", *, timeout_s: float = 60.0,
-             **kw: Any) -> Client:
+    def http(
+        cls, url: str = "http://127.0.0.1:8000", *, timeout_s: float = 60.0, **kw: Any
+    ) -> Client:
         """A client over plain HTTP (``POST <url>/v1/call`` with binary envelopes)."""
         return cls(_http_transport(url, timeout_s), **kw)
 
@@ -198,16 +199,28 @@ class Client:
             raise CapabilityError(f"the server has no {op!r} step", hint=f"served: {list(ops)}")
         return {str(s["name"]) for s in ops[op]}
 
-    def _step(self, op: str, state: State | None, inputs: dict[str, Tensor],
-              conditions: ConditionPayload | None, deterministic: bool) -> Reply:
+    def _step(
+        self,
+        op: str,
+        state: State | None,
+        inputs: dict[str, Tensor],
+        conditions: ConditionPayload | None,
+        deterministic: bool,
+    ) -> Reply:
         inputs = _inputs_from(conditions, self._takes(op), inputs)
-        request = Request(op=op, fingerprint=self.fingerprint, state=state, inputs=inputs,
-                          deterministic=deterministic)
+        request = Request(
+            op=op,
+            fingerprint=self.fingerprint,
+            state=state,
+            inputs=inputs,
+            deterministic=deterministic,
+        )
         return self.call(request)
 
     # -- the protocol's steps ----------------------------------------------------------------
-    def encode(self, obs: Tensor | Mapping[str, Tensor] | WorldModelInput,
-               deterministic: bool = False) -> State:
+    def encode(
+        self, obs: Tensor | Mapping[str, Tensor] | WorldModelInput, deterministic: bool = False
+    ) -> State:
         """Encode observations (``{name: [batch, ...]}``) to a State."""
         conditions = obs.conditions if isinstance(obs, WorldModelInput) else None
         if isinstance(obs, WorldModelInput):
@@ -220,14 +233,25 @@ class Client:
         inputs = {f"obs.{k}": v for k, v in obs.items()}
         return _state(self._step("encode", None, inputs, conditions, deterministic))
 
-    def transition(self, state: State, action: Tensor, conditions: ConditionPayload | None = None,
-                   deterministic: bool = False) -> State:
+    def transition(
+        self,
+        state: State,
+        action: Tensor | None,
+        conditions: ConditionPayload | None = None,
+        deterministic: bool = False,
+    ) -> State:
         """The next State given ``action`` ``[batch, ...]`` (prior step)."""
         inputs = {"action": action} if action is not None else {}
         return _state(self._step("transition", state, inputs, conditions, deterministic))
 
-    def update(self, state: State, action: Tensor, obs: Mapping[str, Tensor],
-               conditions: ConditionPayload | None = None, deterministic: bool = False) -> State:
+    def update(
+        self,
+        state: State,
+        action: Tensor | None,
+        obs: Mapping[str, Tensor],
+        conditions: ConditionPayload | None = None,
+        deterministic: bool = False,
+    ) -> State:
         """The posterior State given ``action`` and observations ``obs``."""
         inputs = {f"obs.{k}": v for k, v in obs.items()}
         if action is not None:
@@ -238,8 +262,13 @@ class Client:
         """The predictions of ``state``."""
         return ModelOutput(self._step("decode", state, {}, conditions, False).predictions)
 
-    def rollout(self, state: State, actions: Tensor, conditions: ConditionPayload | None = None,
-                deterministic: bool = False) -> Trajectory:
+    def rollout(
+        self,
+        state: State,
+        actions: Tensor,
+        conditions: ConditionPayload | None = None,
+        deterministic: bool = False,
+    ) -> Trajectory:
         """Roll out ``actions`` ``[T, batch, ...]``; noise extras are ``[T, batch, ...]``."""
         reply = self._step("rollout", state, {"actions": actions}, conditions, deterministic)
         return _trajectory(state, actions, reply)
@@ -267,8 +296,13 @@ def _trajectory(state: State, actions: Tensor, reply: Reply) -> Trajectory:
     steps = int(actions.shape[0])
     states = [state, *(State({k: v[t] for k, v in stacked.items()}) for t in range(steps))]
     preds = reply.predictions
-    return Trajectory(states=states, actions=actions, rewards=preds.get("reward"),
-                      continues=preds.get("continue"), predictions=preds)
+    return Trajectory(
+        states=states,
+        actions=actions,
+        rewards=preds.get("reward"),
+        continues=preds.get("continue"),
+        predictions=preds,
+    )
 
 
 class Session:
@@ -284,24 +318,45 @@ class Session:
         self.id = session_id
         self._routing = routing
 
-    def _call(self, op: str, inputs: dict[str, Tensor] | None = None,
-              conditions: ConditionPayload | None = None, deterministic: bool = False,
-              return_state: bool = False) -> Reply:
+    def _call(
+        self,
+        op: str,
+        inputs: dict[str, Tensor] | None = None,
+        conditions: ConditionPayload | None = None,
+        deterministic: bool = False,
+        return_state: bool = False,
+    ) -> Reply:
         takes = self.client._takes(op) if op in self.client.info()["ops"] else set()
-        request = Request(op=op, fingerprint=self.client.fingerprint, session=self.id,
-                          inputs=_inputs_from(conditions, takes, dict(inputs or {})),
-                          deterministic=deterministic, return_state=return_state)
+        request = Request(
+            op=op,
+            fingerprint=self.client.fingerprint,
+            session=self.id,
+            inputs=_inputs_from(conditions, takes, dict(inputs or {})),
+            deterministic=deterministic,
+            return_state=return_state,
+        )
         return self.client.call(request, routing=self._routing)
 
-    def transition(self, action: Tensor, conditions: ConditionPayload | None = None,
-                   deterministic: bool = False, return_state: bool = False) -> State | None:
+    def transition(
+        self,
+        action: Tensor,
+        conditions: ConditionPayload | None = None,
+        deterministic: bool = False,
+        return_state: bool = False,
+    ) -> State | None:
         """Advance the session's State by ``action``; returns it when ``return_state``."""
-        return self._call("transition", {"action": action}, conditions, deterministic,
-                          return_state).state
+        return self._call(
+            "transition", {"action": action}, conditions, deterministic, return_state
+        ).state
 
-    def update(self, action: Tensor, obs: Mapping[str, Tensor],
-               conditions: ConditionPayload | None = None, deterministic: bool = False,
-               return_state: bool = False) -> State | None:
+    def update(
+        self,
+        action: Tensor,
+        obs: Mapping[str, Tensor],
+        conditions: ConditionPayload | None = None,
+        deterministic: bool = False,
+        return_state: bool = False,
+    ) -> State | None:
         """Advance the session's State with the posterior step."""
         inputs = {"action": action, **{f"obs.{k}": v for k, v in obs.items()}}
         return self._call("update", inputs, conditions, deterministic, return_state).state
@@ -310,8 +365,12 @@ class Session:
         """Predictions of the session's current State."""
         return ModelOutput(self._call("decode", None, conditions).predictions)
 
-    def rollout(self, actions: Tensor, conditions: ConditionPayload | None = None,
-                deterministic: bool = False) -> Trajectory:
+    def rollout(
+        self,
+        actions: Tensor,
+        conditions: ConditionPayload | None = None,
+        deterministic: bool = False,
+    ) -> Trajectory:
         """Imagine ``actions`` from the session's State (the session does not advance)."""
         reply = self._call("rollout", {"actions": actions}, conditions, deterministic)
         return _trajectory(self.state(), actions, reply)
@@ -349,27 +408,51 @@ class RemoteWorldModel(WorldModel):
         """Encode on the server."""
         return self.client.encode(obs, deterministic)
 
-    def transition(self, state: State, action: Any, conditions: ConditionPayload | None = None,
-                   deterministic: bool = False) -> State:
+    def transition(
+        self,
+        state: State,
+        action: Any,
+        conditions: ConditionPayload | None = None,
+        deterministic: bool = False,
+    ) -> State:
         """Transition on the server."""
-        return self.client.transition(state, self.action_tensor(action), conditions,  # type: ignore[arg-type]
-                                      deterministic)
+        return self.client.transition(
+            state,
+            self.action_tensor(action),
+            conditions,
+            deterministic,
+        )
 
-    def update(self, state: State, action: Any, obs: Any,
-               conditions: ConditionPayload | None = None, deterministic: bool = False) -> State:
+    def update(
+        self,
+        state: State,
+        action: Any,
+        obs: Any,
+        conditions: ConditionPayload | None = None,
+        deterministic: bool = False,
+    ) -> State:
         """Update on the server."""
         observations, obs_conditions = self.observations(obs)
-        return self.client.update(state, self.action_tensor(action), observations,  # type: ignore[arg-type]
-                                  conditions if conditions is not None else obs_conditions,
-                                  deterministic)
+        return self.client.update(
+            state,
+            self.action_tensor(action),
+            observations,
+            conditions if conditions is not None else obs_conditions,
+            deterministic,
+        )
 
     def decode(self, state: State, conditions: ConditionPayload | None = None) -> ModelOutput:
         """Decode on the server."""
         return self.client.decode(state, conditions)
 
-    def rollout(self, initial_state: State, action_sequence: Tensor | ActionPayload,
-                conditions: ConditionPayload | None = None, deterministic: bool = False,
-                mode: str = "autoregressive") -> Trajectory:
+    def rollout(
+        self,
+        initial_state: State,
+        action_sequence: Tensor | ActionPayload,
+        conditions: ConditionPayload | None = None,
+        deterministic: bool = False,
+        mode: str = "autoregressive",
+    ) -> Trajectory:
         """Roll out on the server (one request)."""
         if mode != "autoregressive":
             raise CapabilityError(f"rollout mode {mode!r} is not served")
@@ -380,5 +463,7 @@ class RemoteWorldModel(WorldModel):
 
     def loss(self, batch: Mapping[str, Tensor]) -> LossOutput:
         """Not available on a served model."""
-        raise CapabilityError("a served model computes no training loss",
-                              hint="train the torch model, then export and serve it")
+        raise CapabilityError(
+            "a served model computes no training loss",
+            hint="train the torch model, then export and serve it",
+        )

@@ -148,8 +148,13 @@ class Engine:
             "contract": self.contract.to_dict(),
             "ops": {
                 op: [
-                    {"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "timed": s.timed,
-                     "optional": s.optional}
+                    {
+                        "name": s.name,
+                        "dtype": s.dtype,
+                        "shape": list(s.shape),
+                        "timed": s.timed,
+                        "optional": s.optional,
+                    }
                     for s in specs
                 ]
                 for op, specs in self.ops.items()
@@ -241,8 +246,10 @@ class Engine:
             op,
             request.deterministic,
             timed,
-            tuple((k, v.dtype, tuple(v.shape[1:])) for k, v in (state.tensors.items() if state
-                                                                else ())),
+            tuple(
+                (k, v.dtype, tuple(v.shape[1:]))
+                for k, v in (state.tensors.items() if state else ())
+            ),
             tuple(sorted((k, v.dtype, self._rest(k, v, specs)) for k, v in inputs.items())),
         )
         return _Job(index, op, request, state, inputs, batch, key, session)
@@ -293,8 +300,9 @@ class Engine:
                 problems.append(f"input {name!r} is not a tensor")
                 continue
             if _dtype_name(tensor) != spec.dtype:
-                problems.append(f"input {name!r} has dtype {_dtype_name(tensor)}, "
-                                f"expected {spec.dtype}")
+                problems.append(
+                    f"input {name!r} has dtype {_dtype_name(tensor)}, expected {spec.dtype}"
+                )
             shape = tuple(tensor.shape)
             want: list[int | str] = []
             if spec.timed:
@@ -307,9 +315,10 @@ class Engine:
                 isinstance(w, str) or w == s for w, s in zip(want, shape, strict=False)
             )
             if not ok or (spec.timed and steps is not None and steps < 1):
-                shown = tuple(w if isinstance(w, int) else w for w in want)
-                problems.append(f"input {name!r} has shape {shape}, expected {shown} "
-                                f"(batch {batch})")
+                shown = tuple(want)
+                problems.append(
+                    f"input {name!r} has shape {shape}, expected {shown} (batch {batch})"
+                )
         if problems:
             raise ContractError("; ".join(problems), hint="see Client.info()['ops']")
 
@@ -421,8 +430,7 @@ class Engine:
         state = None
         if group[0].state is not None:
             keys = list(group[0].state.tensors)
-            state = State({k: cat([j.state.tensors[k] for j in group if j.state], k)
-                           for k in keys})
+            state = State({k: cat([j.state.tensors[k] for j in group if j.state], k) for k in keys})
         extras: dict[str, Any] = {}
         obs: dict[str, Tensor] = {}
         for name, value in inputs.items():
@@ -438,21 +446,23 @@ class Engine:
         new_state: State | None = None
         states: State | None = None
         preds: dict[str, Tensor] = {}
+        st = state if state is not None else State({})  # encode takes none
         with torch.inference_mode():
             if op == "encode":
                 new_state = model.encode(WorldModelInput(obs, conditions), det)
             elif op == "transition":
-                new_state = model.transition(state, inputs["action"], conditions, det)  # type: ignore[arg-type]
+                new_state = model.transition(st, inputs["action"], conditions, det)
             elif op == "update":
-                new_state = model.update(state, inputs["action"], obs, conditions, det)  # type: ignore[arg-type]
+                new_state = model.update(st, inputs["action"], obs, conditions, det)
             elif op == "decode":
-                preds = dict(model.decode(state, conditions).predictions)  # type: ignore[arg-type]
+                preds = dict(model.decode(st, conditions).predictions)
             elif op == "rollout":
-                traj = model.rollout(state, inputs["actions"], conditions, det)  # type: ignore[arg-type]
+                traj = model.rollout(st, inputs["actions"], conditions, det)
                 keys = list(traj.states[-1].tensors)
-                states = State({k: torch.stack([s.tensors[k] for s in traj.states[1:]])
-                                for k in keys})
-                preds = dict(traj.predictions)
+                states = State(
+                    {k: torch.stack([s.tensors[k] for s in traj.states[1:]]) for k in keys}
+                )
+                preds = dict(traj.predictions or {})
             else:  # pragma: no cover - OPS and this dispatch are kept together
                 raise CapabilityError(f"no runner for {op!r}")
         replies: list[Reply | WorldFluxRegistryError] = []
@@ -462,7 +472,7 @@ class Engine:
             start += job.batch
             axis1 = op == "rollout"
 
-            def take(t: Tensor, axis1: bool = axis1) -> Tensor:
+            def take(t: Tensor, axis1: bool = axis1, rows: slice = rows) -> Tensor:
                 return (t[:, rows] if axis1 else t[rows]).clone()
 
             reply = Reply(session=job.session)

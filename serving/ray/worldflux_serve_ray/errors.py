@@ -96,7 +96,9 @@ def error_to_wire(error: BaseException) -> dict[str, Any]:
     """The JSON-able description of ``error`` sent back to the caller."""
     if isinstance(error, WorldFluxRegistryError):
         # the class itself, or the nearest base class the client knows
-        name = next((c.__name__ for c in type(error).__mro__ if c.__name__ in WIRE_ERRORS), "ServeError")
+        name = next(
+            (c.__name__ for c in type(error).__mro__ if c.__name__ in WIRE_ERRORS), "ServeError"
+        )
         return {
             "type": name,
             "status": status_of(error),

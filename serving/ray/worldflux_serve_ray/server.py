@@ -79,10 +79,11 @@ class WorldModelServer:
             owner_alive=_replica_alive,
             max_sessions=opts.max_sessions,
         )
-        self._batched.set_max_batch_size(opts.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(opts.batch_wait_timeout_s)
+        batched: Any = self._batched  # serve.batch adds these setters
+        batched.set_max_batch_size(opts.max_batch_size)
+        batched.set_batch_wait_timeout_s(opts.batch_wait_timeout_s)
 
-    @serve.multiplexed(max_num_models_per_replica=4096)
+    @serve.multiplexed(max_num_models_per_replica=4096)  # type: ignore[untyped-decorator,misc]
     async def _session_slot(self, key: str) -> str:
         """Registers a session's routing key on this replica, so Serve routes its requests
         here (multiplexed model ids); the State itself lives in the engine."""
@@ -153,10 +154,10 @@ def build_app(export_dir: str, options: ServeOptions | None = None) -> Any:
     import dataclasses
 
     opts = options or ServeOptions()
-    deployment = WorldModelServer.options(
+    server: Any = WorldModelServer  # a serve Deployment, typed as the class
+    deployment = server.options(
         num_replicas=opts.replicas,
         max_ongoing_requests=opts.max_ongoing_requests,
         ray_actor_options={"num_cpus": opts.replica_cpus},
     )
     return deployment.bind(os.path.abspath(export_dir), dataclasses.asdict(opts))
-

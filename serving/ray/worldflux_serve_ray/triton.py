@@ -56,8 +56,9 @@ def _dtype(entry: Mapping[str, Any]) -> str:
 
 
 def _batch_first(entries: Sequence[Mapping[str, Any]]) -> bool:
-    return all(list(e["shape"])[:1] == ["batch"] and "batch" not in list(e["shape"])[1:]
-               for e in entries)
+    return all(
+        list(e["shape"])[:1] == ["batch"] and "batch" not in list(e["shape"])[1:] for e in entries
+    )
 
 
 def _tensor(entry: Mapping[str, Any], batched: bool) -> str:
@@ -109,28 +110,41 @@ def _ensemble(name: str, prefix: str, graphs: Mapping[str, Any], max_batch_size:
     def step(model: str, ins: list[tuple[str, str]], outs: list[str]) -> str:
         maps = [f"      input_map {{ key: {_q(k)} value: {_q(v)} }}" for k, v in ins]
         maps += [f"      output_map {{ key: {_q(o)} value: {_q(o)} }}" for o in outs]
-        return (f"    {{\n      model_name: {_q(model)}\n      model_version: -1\n"
-                + "\n".join(maps) + "\n    }")
+        return (
+            f"    {{\n      model_name: {_q(model)}\n      model_version: -1\n"
+            + "\n".join(maps)
+            + "\n    }"
+        )
 
     dec_ins = [
-        (str(e["name"]),
-         "new_" + str(e["name"]) if "new_" + str(e["name"]) in state_outputs else str(e["name"]))
+        (
+            str(e["name"]),
+            "new_" + str(e["name"]) if "new_" + str(e["name"]) in state_outputs else str(e["name"]),
+        )
         for e in dec["inputs"]
     ]
     steps = [
-        step(f"{prefix}_transition", [(str(e["name"]), str(e["name"])) for e in trans["inputs"]],
-             [str(o["name"]) for o in trans["outputs"]]),
+        step(
+            f"{prefix}_transition",
+            [(str(e["name"]), str(e["name"])) for e in trans["inputs"]],
+            [str(o["name"]) for o in trans["outputs"]],
+        ),
         step(f"{prefix}_decode", dec_ins, [str(o["name"]) for o in dec["outputs"]]),
     ]
     batched = _batch_first([*inputs.values(), *outputs])
-    return "\n".join([
-        f"name: {_q(name)}",
-        'platform: "ensemble"',
-        f"max_batch_size: {max_batch_size if batched else 0}",
-        "input [\n" + ",\n".join(_tensor(e, batched) for e in inputs.values()) + "\n]",
-        "output [\n" + ",\n".join(_tensor(e, batched) for e in outputs) + "\n]",
-        "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}",
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                f"name: {_q(name)}",
+                'platform: "ensemble"',
+                f"max_batch_size: {max_batch_size if batched else 0}",
+                "input [\n" + ",\n".join(_tensor(e, batched) for e in inputs.values()) + "\n]",
+                "output [\n" + ",\n".join(_tensor(e, batched) for e in outputs) + "\n]",
+                "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}",
+            ]
+        )
+        + "\n"
+    )
 
 
 def validate_config(text: str) -> Any:
@@ -172,13 +186,15 @@ def write_triton_repository(
         prefix = "".join(c if c.isalnum() or c in "_-" else "_" for c in raw)
     root = Path(out)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise ExportError(f"{root} exists and is not an empty directory",
-                          hint="pass a new --out directory")
+        raise ExportError(
+            f"{root} exists and is not an empty directory", hint="pass a new --out directory"
+        )
     configs: dict[str, tuple[str, Mapping[str, Any] | None]] = {}
     for graph, entry in graphs.items():
         name = f"{prefix}_{graph.replace('.', '_')}"
-        text = triton_config(name, entry, max_batch_size=max_batch_size, instances=instances,
-                             kind=kind)
+        text = triton_config(
+            name, entry, max_batch_size=max_batch_size, instances=instances, kind=kind
+        )
         configs[name] = (text, entry)
     if "transition" in graphs and "decode" in graphs:
         name = f"{prefix}_step"

@@ -25,7 +25,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from worldflux_registry import State, StateFormatError, WorldFluxRegistryError
+from worldflux_registry import State, WorldFluxRegistryError
 
 from .errors import PayloadError, error_from_wire, error_to_wire
 
@@ -258,8 +258,11 @@ def tensor_to_json(tensor: Tensor) -> dict[str, Any]:
 
     flat = tensor.detach().cpu().contiguous().reshape(-1)
     data = flat.to(torch.float32).tolist() if flat.dtype == torch.bfloat16 else flat.tolist()
-    return {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape),
-            "data": data}
+    return {
+        "dtype": str(tensor.dtype).removeprefix("torch."),
+        "shape": list(tensor.shape),
+        "data": data,
+    }
 
 
 def tensor_from_json(name: str, doc: Any) -> Tensor:
@@ -369,4 +372,3 @@ def reply_from_json(body: bytes) -> Reply:
         session=doc.get("session"),
         info=doc.get("info"),
     )
-
