@@ -173,6 +173,7 @@ def main() -> None:
                 "platform": platform.platform(),
                 "python": platform.python_version(),
                 "ray": ray.__version__,
+                "load_average_at_start": os.getloadavg(),
             },
             "seconds_per_cell": args.seconds,
             "single_process": single_process(model, args.seconds),

@@ -81,3 +81,12 @@ def test_serve_command_is_listed_with_its_options(capsys):
     usage = capsys.readouterr().out
     for option in ("--replicas", "--max-batch-size", "--port", "--address"):
         assert option in usage
+
+
+def test_an_extension_whose_package_is_not_installed_is_skipped(monkeypatch):
+    from worldflux_registry.cli import _main
+
+    extensions = (*_main._CLI_EXTENSIONS, "worldflux_not_installed_pkg.cli")
+    monkeypatch.setattr(_main, "_CLI_EXTENSIONS", extensions)
+    sub = next(a for a in _main.build_parser()._actions if a.dest == "command")
+    assert {"serve", "triton", "list"} <= set(sub.choices)
