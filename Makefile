@@ -5,16 +5,17 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CONSTRAINTS := requirements/dev-constraints.txt
 STAMP := $(VENV)/.installed
-DISTS := -e . -e plugins/dreamerv3 -e plugins/tdmpc2 -e exporters/onnx
+DISTS := -e . -e plugins/dreamerv3 -e plugins/tdmpc2 -e exporters/onnx -e serving/ray
 
 .PHONY: demo test lint typecheck docs install clean bench
 
-$(STAMP): pyproject.toml plugins/*/pyproject.toml exporters/*/pyproject.toml $(CONSTRAINTS)
+$(STAMP): pyproject.toml plugins/*/pyproject.toml exporters/*/pyproject.toml serving/*/pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade -c $(CONSTRAINTS) setuptools wheel
 	$(PIP) install -q -c $(CONSTRAINTS) torch
 	$(PIP) install -q -c $(CONSTRAINTS) $(DISTS) \
-		onnx onnxruntime onnxscript matplotlib pytest pytest-xdist hypothesis ruff mypy \
+		onnx onnxruntime onnxscript 'ray[serve]' 'tritonclient[grpc]' \
+		matplotlib pytest pytest-xdist hypothesis ruff mypy \
 		mkdocs mkdocs-material mkdocstrings mkdocstrings-python
 	touch $(STAMP)
 

@@ -33,6 +33,7 @@ _CLI_EXTENSIONS: Final = (
     "worldflux_registry.cli._bench",
     "worldflux_registry.cli._import",
     "worldflux_registry.cli._shm",
+    "worldflux_serve_ray.cli",
 )
 
 
@@ -414,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name == name:
+            if exc.name is not None and (name + ".").startswith(exc.name + "."):
                 continue  # that extension is not part of this install
             raise
         module.register(sub)
