@@ -180,7 +180,7 @@ def _reference(
         return registry.load(ref, device=device), None
     import torch
 
-    from ..registry._from_export import model_from_export
+    from ..registry._from_export import model_from_export, weight_conflicts
 
     # Tensors the export does not hold keep this seeded init: unused by the exported graphs
     # they cannot matter, and folded into them they make parity fail, which says so.
@@ -190,6 +190,15 @@ def _reference(
         "no --reference: the torch model was rebuilt with weights read from the export itself, "
         "so this checks the graphs' computation but cannot catch corrupted weights"
     )
+    conflicts = weight_conflicts(export_dir)
+    if conflicts:
+        files = sorted({f for odd in conflicts.values() for f in odd})
+        name, odd = next(iter(sorted(conflicts.items())))
+        note += (
+            f"; the graph files disagree on {len(conflicts)} weights (e.g. {name!r}: "
+            f"{', '.join(odd)} differ from the other files): the reference takes the copy most "
+            f"files hold, so the damaged file is most likely {', '.join(files)}"
+        )
     if missing:
         note += (
             f"; {len(missing)} tensors are not in the export (e.g. {missing[0]!r}: unused by its "
