@@ -158,7 +158,7 @@ def run(console: Console, args: argparse.Namespace, out: Path) -> bool:
         console.print("parity checker unavailable")
         return False
     console.print("[bold]6. parity[/bold] (summary stored in manifest.json)")
-    report.print(Console(highlight=False, width=max(console.width, 150)))
+    report.print(console)
     assert isinstance(report, parity.ParityReport)
     verdict = "[green]PASSED[/green]" if report.passed else "[red]FAILED[/red]"
     console.print(f"parity {verdict}")

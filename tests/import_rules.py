@@ -22,6 +22,7 @@ LAYERS: Mapping[str, int] = {
     "_files": 0,
     "_json": 0,
     "_torch_env": 0,
+    "_rich": 0,
     "functional": 0,
     "state": 1,
     "contract": 2,

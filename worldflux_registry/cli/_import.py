@@ -41,6 +41,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from .._rich import fit_words
     from ..registry._import import parse_config_pairs
     from ..registry._registry import registry
 
@@ -69,7 +70,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
         table.add_row(src, dst)
     for src, why in sorted(result.dropped.items()):
         table.add_row(f"[dim]{src}[/dim]", f"[yellow]dropped[/yellow]: {why}")
-    out.print(table)
+    out.print(fit_words(table, out.width))
     out.print(
         f"{len(result.mapped)} tensors kept, {len(result.dropped)} dropped; "
         f"load it with registry.load({args.out!r})"

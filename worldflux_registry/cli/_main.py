@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
+from .._rich import fit_words
 from ..errors import WorldFluxRegistryError
 
 if TYPE_CHECKING:
@@ -53,6 +54,10 @@ def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def _full_or_short(contract: Any) -> str:
+    return _short(contract.fingerprint(), 32) + "... (--json: all 64 digits)"
+
+
 def _short(fingerprint: str | None, digits: int = 12) -> str:
     if not fingerprint:
         return "-"
@@ -69,8 +74,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
+    console = _console()
+    # Below 100 columns the summaries (shown by `info`) would wrap one word per line.
+    wide = console.width >= 100
     table = Table(title="World model families", title_justify="left")
-    for column in ("family", "presets", "maturity", "provided by", "summary"):
+    columns = ("family", "presets", "maturity", "provided by", *(("summary",) if wide else ()))
+    for column in columns:
         table.add_column(column, overflow="fold")
     for spec in specs:
         table.add_row(
@@ -78,11 +87,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
             ", ".join(spec.presets),
             spec.maturity,
             f"{spec.distribution or '-'} {spec.distribution_version or ''}".strip(),
-            spec.summary,
+            *((spec.summary,) if wide else ()),
         )
-    console = _console()
     if specs:
-        console.print(table)
+        console.print(fit_words(table, console.width))
     else:
         console.print("no families match" if args.pattern or args.capability else "no families")
     broken = [r for r in reg.plugins() if r.status in ("broken", "conflict")]
@@ -169,10 +177,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
         ("model", spec.model),
         ("capabilities", ", ".join(sorted(c.value for c in spec.capabilities)) or "-"),
         ("ref", f"{args.ref} -> {resolved.kind} {resolved.family}:{resolved.preset}"),
-        ("fingerprint", contract.fingerprint()),
+        # The full 64 hex digits where they fit; any unique prefix of 8 or more resolves.
+        (
+            "fingerprint",
+            contract.fingerprint() if console.width >= 90 else _full_or_short(contract),
+        ),
     ):
         head.add_row(key, str(value))
-    console.print(head)
+    console.print(fit_words(head, console.width))
     table = Table(title="Presets", title_justify="left")
     for column in ("preset", "parameters", "fingerprint", "overrides"):
         table.add_column(column, overflow="fold")
@@ -184,7 +196,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
             _short(p["fingerprint"]),
             json.dumps(p["overrides"]) if p["overrides"] else "-",
         )
-    console.print(table)
+    console.print(fit_words(table, console.width))
     console.print(_contract_table(contract, f"Contract of {resolved.family}:{resolved.preset}"))
     return 0
 
@@ -221,7 +233,7 @@ def _info_artifact(args: argparse.Namespace, resolved: dict[str, Any]) -> int:
         )
     else:
         head.add_row("parity", "not checked")
-    console.print(head)
+    console.print(fit_words(head, console.width))
     graphs = manifest.get("graphs")
     if isinstance(graphs, dict) and graphs:
         table = Table(title="Graphs", title_justify="left")
@@ -243,7 +255,7 @@ def _info_artifact(args: argparse.Namespace, resolved: dict[str, Any]) -> int:
                 ", ".join(str(o.get("name")) for o in entry.get("outputs", [])),
                 "; ".join(notes),
             )
-        console.print(table)
+        console.print(fit_words(table, console.width))
     return 0
 
 
@@ -284,7 +296,7 @@ def _cmd_resolve(args: argparse.Namespace) -> int:
         if value in (None, {}) or key == "ref":
             continue
         grid.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
-    _console().print(grid)
+    _console().print(fit_words(grid, _console().width))
     return 0
 
 
@@ -314,23 +326,31 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     styles = {"ok": "green", "broken": "red", "conflict": "red", "blocked": "yellow"}
+    console = _console()
+    # The entry point's module only where it fits; errors go under the table, one per line.
+    wide = console.width >= 110
     table = Table(title="worldflux_registry plugins", title_justify="left")
-    for column in ("distribution", "version", "entry point", "status", "load", "provides", "error"):
+    columns = ("distribution", *(("entry point",) if wide else ()), "status", "load", "provides")
+    for column in columns:
         table.add_column(column, overflow="fold")
     for r in records:
         style = styles.get(r.status, "")
         table.add_row(
-            r.distribution or "-",
-            r.version or "-",
-            r.entry_point,
+            f"{r.distribution or '-'} {r.version or ''}".strip(),
+            *((r.entry_point,) if wide else ()),
             f"[{style}]{r.status}[/{style}]" if style else r.status,
             _load_time(r.seconds),
             ", ".join([*r.families, *r.exporters, *r.importers]) or "-",
-            r.error or "",
         )
-    console = _console()
     if records:
-        console.print(table)
+        console.print(fit_words(table, console.width))
+        from rich.markup import escape
+
+        for r in records:
+            if r.error:
+                console.print(
+                    f"[red]{escape(r.distribution or r.entry_point)}[/red]: {escape(r.error)}"
+                )
         slow = [r for r in records if (r.seconds or 0.0) >= SLOW_PLUGIN_SECONDS]
         if slow:
             names = ", ".join(

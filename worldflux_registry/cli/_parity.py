@@ -154,7 +154,6 @@ def _cmd_parity(args: argparse.Namespace) -> int:
         from rich.markup import escape
 
         err.print(f"[yellow]note:[/yellow] {escape(note)}")
-    out.width = max(out.width, 112)
     report.print(out)
     try:
         if args.json_path:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from .._files import atomic_write
+from .._rich import fit_words
 from ..errors import ParityError
 from ._metrics import Metrics
 from ._tolerance import Tolerance
@@ -241,7 +242,8 @@ def _fmt(value: float | None) -> str:
         return "-"
     if value == 0:
         return "0"
-    return f"{value:.1e}"
+    mantissa, _, exponent = f"{value:.1e}".partition("e")
+    return f"{mantissa}e{int(exponent)}"  # 4.1e-8, not 4.1e-08: the table fits 80 columns
 
 
 def _worst(values: Iterator[float | None], *, lowest: bool = False) -> float | None:
@@ -468,28 +470,49 @@ class ParityReport:
         )
         from rich import box
 
-        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        table = Table(
+            title=title,
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            collapse_padding=True,
+        )
+        rows = self.rows()
+        # Columns that would only hold zeros or dashes are left out, so the table fits 80 columns.
+        show_nan = any(r["nan"] or r["inf"] for r in rows)
+        show_argmax = any(r["argmax_agreement"] is not None for r in rows)
         table.add_column("mode", no_wrap=True)
         table.add_column("graph/output", overflow="fold", min_width=12)
-        for name in ("max abs", "max rel", "cos", "NaN/Inf", "argmax", "fails", "rtol/atol"):
+        names = ["max abs", "max rel", "cos", *(["NaN/Inf"] if show_nan else [])]
+        names += [*(["argmax"] if show_argmax else []), "rtol/atol"]
+        for name in names:
             table.add_column(name, justify="right", no_wrap=True)
-        table.add_column("", justify="center", no_wrap=True)
-        for row in self.rows():
+        table.add_column("", justify="left", no_wrap=True)
+        for row in rows:
             tol = row["tolerance"]
             cosine = row["cosine"]
             agreement = row["argmax_agreement"]
-            table.add_row(
+            first = row["first_failing_step"]
+            # A reference of zeros has no direction: its cosine says nothing.
+            no_direction = cosine is not None and cosine == 0.0 and row["passed"]
+            cells = [
                 _MODE_LABELS.get(row["mode"], row["mode"]),
                 row["key"],
                 _fmt(row["max_abs"]),
                 _fmt(row["max_rel"]),
-                "-" if cosine is None else f"{cosine:.3f}",
-                f"{row['nan']}/{row['inf']}" if row["nan"] or row["inf"] else "0",
-                "-" if agreement is None else f"{agreement:.0%}",
-                "-" if row["first_failing_step"] is None else f"@{row['first_failing_step']}",
-                f"{tol.rtol:.2g}/{tol.atol:.0g}",
-                "[green]ok[/]" if row["passed"] else "[red]FAIL[/]",
-            )
+                "-" if cosine is None or no_direction else f"{cosine:.3f}",
+            ]
+            if show_nan:
+                cells.append(f"{row['nan']}/{row['inf']}" if row["nan"] or row["inf"] else "0")
+            if show_argmax:
+                cells.append("-" if agreement is None else f"{agreement:.0%}")
+            cells.append(f"{_fmt(tol.rtol)}/{_fmt(tol.atol)}".replace(".0e", "e"))
+            if row["passed"]:
+                cells.append("[green]ok[/]")
+            else:
+                cells.append("[red]FAIL[/]" + ("" if first is None else f" @{first}"))
+            table.add_row(*cells)
+        fit_words(table)
         lines = []
         if self.localization is not None:
             lines.append(self.localization.describe())
@@ -500,14 +523,10 @@ class ParityReport:
         return table
 
     def print(self, console: Console | None = None) -> None:
-        """Print `table` to ``console`` (stdout, at least 112 columns wide, by default)."""
+        """Print `table` to ``console`` (stdout by default); it fits 80 columns."""
         from rich.console import Console
 
-        if console is None:
-            # The table needs about 110 columns; narrower defaults (80 when piped) would elide it.
-            console = Console(highlight=False)
-            console.width = max(console.width, 112)
-        console.print(self.table())
+        (console or Console(highlight=False)).print(self.table())
 
     def __rich__(self) -> Table:
         return self.table()
