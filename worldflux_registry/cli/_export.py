@@ -104,8 +104,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
             progress.update(task, completed=1, state=state)
     passed = True
     if args.check and report is not None:
-        # The parity table is wide: do not let a pipe's 80 columns elide its numbers.
-        out_console = Console(highlight=False)
         report.print(Console(highlight=False))
         passed = bool(report.passed)
     print(out)
