@@ -350,10 +350,16 @@ def writer_lock(
     except ImportError:  # pragma: no cover - Windows
         yield
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
     path = target.parent / f".{target.name}.lock"
     for _ in range(16):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC | _O_NOFOLLOW, 0o644)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC | _O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise error(
+                f"cannot write the {what} {target}: {exc.strerror} ({exc.filename})",
+                hint="choose a directory you can write to",
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

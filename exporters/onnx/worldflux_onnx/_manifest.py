@@ -303,7 +303,7 @@ def read_manifest(
             contract document that does not parse.
     """
     path = directory / MANIFEST
-    if opened is None:
+    if opened is None or not opened.exists(MANIFEST):
         manifest = read_artifact_manifest(directory, ExportError)  # file, JSON, object, format
     else:
         manifest = load_json(
