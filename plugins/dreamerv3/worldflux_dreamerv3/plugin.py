@@ -26,6 +26,7 @@ def worldflux_registry_families() -> list[FamilySpec]:
             maturity="beta",
             version="0.1.0",
             param_count=spec.param_count,
+            validate_config=spec.check_config,
         )
     ]
 

@@ -121,9 +121,33 @@ CAPABILITIES: Final = frozenset(
 )
 
 
+#: Config fields that count something: each must be at least 1.
+_POSITIVE = (
+    "deter",
+    "hidden",
+    "stoch",
+    "classes",
+    "units",
+    "depth",
+    "blocks",
+    "bspace",
+    "actor_layers",
+    "critic_layers",
+)
+
+
 def check_config(config: Mapping[str, Any]) -> None:
     """Raise `ConfigError` for a config the model cannot be built from."""
     problems = []
+    for key in _POSITIVE:
+        if int(config[key]) < 1:
+            problems.append(f"{key} must be >= 1, got {config[key]}")
+    if problems:  # the checks below divide by these
+        raise ConfigError("; ".join(problems), family=FAMILY)
+    if not 0 <= float(config["unimix"]) < 1:
+        problems.append(f"unimix must be in [0, 1), got {config['unimix']}")
+    if not 0 < float(config["minstd"]) <= float(config["maxstd"]):
+        problems.append(f"need 0 < minstd <= maxstd, got {config['minstd']}, {config['maxstd']}")
     if int(config["obs_dim"]) < 0:
         problems.append(f"obs_dim must be >= 0, got {config['obs_dim']}")
     if int(config["obs_dim"]) == 0 and not config["image"]:

@@ -266,6 +266,11 @@ def check_config(config: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"tdmpc2 tasks must be an int >= 0 (0: single-task), got {tasks!r}", family=FAMILY
         )
+    dropout = config["dropout"]
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ConfigError(
+            f"tdmpc2 dropout must be a number in [0, 1), got {dropout!r}", family=FAMILY
+        )
     if config["num_q"] < 2:
         raise ConfigError(
             f"tdmpc2 num_q must be >= 2, got {config['num_q']}",
