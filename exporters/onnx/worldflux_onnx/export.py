@@ -87,7 +87,9 @@ def export_model(
             existing export there is replaced; any other non-empty directory is refused.
         opset: ONNX opset (default `DEFAULT_OPSET`).
         graphs: Graph names, or ``"all"`` for every protocol step the model's capabilities
-            allow. ``"rollout"`` (asked for by name) adds the fused rollout graph:
+            allow, and its agent step (``"plan"`` / ``"act"``) when its contract declares one
+            (`AgentSpec`): one graph per environment step, all noise as inputs.
+            ``"rollout"`` (asked for by name) adds the fused rollout graph:
             ``rollout_horizon`` transition + decode steps of the model's own ``rollout``,
             unrolled into one graph that `OnnxWorldModel.rollout` runs once per horizon.
         precision: ``"fp32"`` or ``"fp16"`` (weights and compute in half, graph inputs and outputs
@@ -199,7 +201,9 @@ def _select_graphs(model: nn.Module, graphs: Sequence[str] | str) -> tuple[str, 
 
     if isinstance(graphs, str):
         if graphs == "all":
-            return tuple(g for g in ALL_GRAPHS if ok(g))
+            agent = model.io_contract().agent  # type: ignore[operator]
+            extra = (agent.graph,) if agent is not None and ok(agent.graph) else ()
+            return tuple(g for g in ALL_GRAPHS if ok(g)) + extra
         graphs = [g.strip() for g in graphs.split(",") if g.strip()]
     selected = check_graphs(graphs)
     if not selected:
