@@ -10,6 +10,7 @@ import worldflux_registry
 
 EXPECTED = {
     "ActionPayload",
+    "AgentSpec",
     "AmbiguousReferenceError",
     "BackendError",
     "Capability",

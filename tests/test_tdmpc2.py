@@ -73,7 +73,10 @@ def test_model_contract_equals_the_spec_contract():
     assert isinstance(model, TDMPC2WorldModel)
     assert model.io_contract() == registry.get("tdmpc2").contract_for(model.config)
     assert model.io_contract().state_keys == ("latent", "reward")
-    assert model.io_contract().noise == ()
+    # The only noise is the planner's: the protocol steps are deterministic.
+    contract = model.io_contract()
+    assert all(not contract.noise_for(g) for g in ("encode", "transition", "update", "decode"))
+    assert {n.name for n in contract.noise} == {n.name for n in contract.noise_for("plan")}
     assert not model.supports(Capability.STOCHASTIC)
 
 

@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .contract import (
+    AgentSpec,
     Capability,
     ExporterSpec,
     FamilySpec,
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ActionPayload",
+    "AgentSpec",
     "AmbiguousReferenceError",
     "BackendError",
     "Capability",

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
         make_observations,
         make_tensor,
         noise_conditions,
+        sample_noise,
     )
     from .protocol._model import ActionLike, ObsLike, step_slice
 
@@ -77,6 +78,7 @@ __all__ = [
     "make_tensor",
     "noise_conditions",
     "read_artifact_manifest",
+    "sample_noise",
     "step_slice",
 ]
 
@@ -94,6 +96,7 @@ _LAZY = {
     "make_observations": ".protocol._inputs",
     "make_tensor": ".protocol._inputs",
     "noise_conditions": ".protocol._inputs",
+    "sample_noise": ".protocol._inputs",
 }
 
 

@@ -28,7 +28,8 @@ def register(subparsers: Any) -> None:
         "--graphs",
         default="encode,transition,decode",
         help="comma-separated graphs, or 'all' to add update where supported; 'rollout' adds "
-        "the fused rollout graph (default: encode,transition,decode)",
+        "the fused rollout graph, 'plan' / 'act' the agent step the contract declares "
+        "(e.g. all,plan) (default: encode,transition,decode)",
     )
     p.add_argument(
         "--rollout-horizon",

@@ -16,6 +16,7 @@ from ..errors import ContractError
 
 __all__ = [
     "DTYPES",
+    "AgentSpec",
     "Capability",
     "IOContract",
     "NoiseSpec",
@@ -38,9 +39,14 @@ DTYPES: Final = (
 )
 #: Tensor kinds: how values are interpreted (parity uses it to pick metrics).
 KINDS: Final = ("continuous", "categorical", "discrete", "binary")
-#: Graphs a noise input can feed.
-GRAPHS: Final = ("encode", "transition", "update", "decode")
-DISTRIBUTIONS: Final = ("uniform", "normal")
+#: Graphs a noise input can feed: the protocol steps and the agent steps (`AgentSpec.graph`).
+GRAPHS: Final = ("encode", "transition", "update", "decode", "plan", "act")
+#: Agent steps a contract can declare (`AgentSpec.graph`).
+AGENT_GRAPHS: Final = ("plan", "act")
+#: Noise distributions: ``uniform`` (0, 1), standard ``normal``, ``exponential`` (rate 1) and
+#: ``permutation`` (int64: the last axis holds distinct indices below ``classes``, i.e.
+#: ``randperm(classes)[:k]`` per leading position).
+DISTRIBUTIONS: Final = ("uniform", "normal", "exponential", "permutation")
 BATCH: Final = "batch"
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -61,6 +67,8 @@ class Capability(str, Enum):
     VALUE = "value"
     POLICY = "policy"
     STOCHASTIC = "stochastic"
+    PLAN = "plan"
+    ACT = "act"
     IMAGE_OBS = "image_obs"
     VECTOR_OBS = "vector_obs"
     CONTINUOUS_ACTIONS = "continuous_actions"
@@ -207,7 +215,8 @@ class NoiseSpec:
 
     Passed to the model as the condition extra ``wf.noise.<name>`` and to exported graphs as the
     input ``noise.<name>``, so stochastic steps are deterministic functions of their inputs.
-    ``graphs`` names the steps that consume it.
+    ``graphs`` names the steps that consume it. A ``"permutation"`` noise is int64 and needs
+    ``classes``: its last axis (``k <= classes`` wide) holds distinct indices below ``classes``.
     """
 
     name: str
@@ -215,6 +224,7 @@ class NoiseSpec:
     graphs: tuple[str, ...]
     distribution: str = "uniform"
     dtype: str = "float32"
+    classes: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(self.shape))
@@ -227,7 +237,12 @@ class NoiseSpec:
 
     def as_tensor_spec(self) -> TensorSpec:
         """This noise as a plain tensor spec (for validation and example inputs)."""
+        if self.distribution == "permutation":
+            return TensorSpec(
+                self.name, self.dtype, self.shape, kind="discrete", classes=self.classes
+            )
         low, high = (0.0, 1.0) if self.distribution == "uniform" else (None, None)
+        low = 0.0 if self.distribution == "exponential" else low
         return TensorSpec(self.name, self.dtype, self.shape, low=low, high=high)
 
     def validate(self) -> None:
@@ -243,8 +258,19 @@ class NoiseSpec:
                 f"noise {self.name!r} has graphs {self.graphs}",
                 hint="name at least one of " + ", ".join(GRAPHS),
             )
-        if not self.dtype.startswith("float"):
+        if self.distribution == "permutation":
+            k = self.shape[-1] if len(self.shape) > 1 else None
+            if self.dtype != "int64" or not isinstance(k, int) or k > (self.classes or 0):
+                raise ContractError(
+                    f"permutation noise {self.name!r} must be int64 with a fixed last dim "
+                    f"<= classes, got dtype {self.dtype!r}, shape {self.shape}, "
+                    f"classes {self.classes!r}",
+                    hint="e.g. NoiseSpec(name, ('batch', 2), graphs, 'permutation', 'int64', 5)",
+                )
+        elif not self.dtype.startswith("float"):
             raise ContractError(f"noise {self.name!r} must be floating, got {self.dtype!r}")
+        elif self.classes is not None:
+            raise ContractError(f"noise {self.name!r}: classes is for permutation noise")
 
 
 #: Prefix of the `ConditionPayload` extras key that carries a declared side condition.
@@ -257,6 +283,67 @@ def condition_key(name: str) -> str:
     Exported graphs take it as the input ``cond.<name>``.
     """
     return CONDITION_PREFIX + name
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """The agent step of a contract: one call per environment step, exported as one graph.
+
+    ``graph`` is ``"plan"`` (the model's `WorldModel.plan_step` on an encoded state, e.g. an
+    MPPI planner) or ``"act"``. The step reads the contract's ``state`` tensors, the ``carry``
+    tensors (fed back from the previous step's outputs of the same name; absent or zeros = the
+    first step of an episode), the side conditions and the noise declared for ``graph``; it
+    returns the ``carry`` tensors for the next step and ``outputs``, one of which, ``action``,
+    is the action to take. Exported graphs take ``carry.<name>`` and give
+    ``new_carry.<name>`` and ``out.<name>``.
+
+    ``explore`` names the noise inputs only the stochastic step reads (exploration noise) whose
+    zeros give exactly the ``deterministic=True`` step, so one exported graph serves both.
+    """
+
+    graph: str
+    action: str
+    outputs: tuple[TensorSpec, ...]
+    carry: tuple[TensorSpec, ...] = ()
+    explore: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("outputs", "carry", "explore"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    @property
+    def action_spec(self) -> TensorSpec:
+        """The output holding the action."""
+        return next(s for s in self.outputs if s.name == self.action)
+
+    def validate(self, noise: Sequence[NoiseSpec] = ()) -> None:
+        """Raise `ContractError` naming the bad field; ``noise`` is the contract's noise."""
+        if self.graph not in AGENT_GRAPHS:
+            raise ContractError(
+                f"agent graph {self.graph!r} is unknown",
+                hint="use one of " + ", ".join(AGENT_GRAPHS),
+            )
+        seen: set[str] = set()
+        for where, specs in (("agent carry ", self.carry), ("agent output ", self.outputs)):
+            for spec in specs:
+                if not isinstance(spec, TensorSpec):
+                    raise ContractError(f"{where}entry {spec!r} is not a TensorSpec")
+                spec.validate(where)
+                if spec.name in seen:
+                    raise ContractError(f"{where}name {spec.name!r} is declared twice")
+                seen.add(spec.name)
+        if self.action not in {s.name for s in self.outputs}:
+            raise ContractError(
+                f"agent action {self.action!r} is not one of its outputs "
+                f"{[s.name for s in self.outputs]}"
+            )
+        mine = {n.name for n in noise if self.graph in n.graphs}
+        unknown = [n for n in self.explore if n not in mine]
+        if unknown:
+            raise ContractError(
+                f"agent explore noise {unknown} is not declared for graph {self.graph!r}",
+                hint=f"declare NoiseSpec(..., graphs=({self.graph!r},))",
+            )
 
 
 @dataclass(frozen=True)
@@ -279,6 +366,7 @@ class IOContract:
         noise: Explicit noise inputs of stochastic steps.
         targets: Extra per-step training targets ``loss`` reads from a batch (e.g. reward).
         api_version: Payload API version the model speaks.
+        agent: The agent step (`AgentSpec`: planner or actor), or None.
     """
 
     observations: tuple[TensorSpec, ...]
@@ -289,6 +377,7 @@ class IOContract:
     noise: tuple[NoiseSpec, ...] = ()
     targets: tuple[TensorSpec, ...] = ()
     api_version: str = "v0.2"
+    agent: AgentSpec | None = None
 
     def __post_init__(self) -> None:
         for name in ("observations", "state", "predictions", "conditions", "noise", "targets"):
@@ -349,6 +438,10 @@ class IOContract:
             if noise.name in names:
                 raise ContractError(f"noise name {noise.name!r} is declared twice")
             names.add(noise.name)
+        if self.agent is not None:
+            if not isinstance(self.agent, AgentSpec):
+                raise ContractError(f"agent {self.agent!r} is not an AgentSpec")
+            self.agent.validate(self.noise)
         if not isinstance(self.api_version, str) or not self.api_version.startswith("v"):
             raise ContractError(f"api_version {self.api_version!r} should look like 'v0.2'")
         return self
@@ -371,6 +464,7 @@ class IOContract:
                 noise=tuple(NoiseSpec(**_shape_tuple(d)) for d in data.get("noise", ())),
                 targets=tuple(_tensor_spec(d) for d in data.get("targets", ())),
                 api_version=data.get("api_version", "v0.2"),
+                agent=_agent_spec(data["agent"]) if data.get("agent") else None,
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ContractError(
@@ -408,6 +502,16 @@ def _shape_tuple(d: Mapping[str, Any]) -> dict[str, Any]:
 
 def _tensor_spec(d: Mapping[str, Any]) -> TensorSpec:
     return TensorSpec(**_shape_tuple(d))
+
+
+def _agent_spec(d: Mapping[str, Any]) -> AgentSpec:
+    return AgentSpec(
+        graph=d["graph"],
+        action=d["action"],
+        outputs=tuple(_tensor_spec(x) for x in d["outputs"]),
+        carry=tuple(_tensor_spec(x) for x in d.get("carry", ())),
+        explore=tuple(d.get("explore", ())),
+    )
 
 
 def _to_plain(obj: Any, *, fingerprint: bool = False) -> Any:
@@ -448,3 +552,8 @@ def iter_specs(contract: IOContract) -> Iterable[tuple[str, TensorSpec]]:
         yield "action", contract.action
     for noise in contract.noise:
         yield "noise", noise.as_tensor_spec()
+    if contract.agent is not None:
+        for spec in contract.agent.carry:
+            yield "agent carry", spec
+        for spec in contract.agent.outputs:
+            yield "agent output", spec

@@ -23,6 +23,7 @@ from ..protocol._inputs import (
     make_conditions,
     make_noise,
     make_observations,
+    make_tensor,
 )
 from ..protocol._payloads import ConditionPayload, ModelOutput
 from ..state._state import State
@@ -135,21 +136,13 @@ def check(
     enforced = modes if enforce is None else _check_modes(enforce, "enforce")
     batch_sizes = _check_sizes(batch_sizes, horizon, modes)
     contract = _common_contract(reference, candidate, contract)
-    graphs = _graphs(reference, candidate)
+    graphs = _graphs(reference, candidate) + _agent_graph(contract, reference, candidate)
     compute = _precision(reference, candidate, precision)
-    outputs_by_graph = {
-        g: [f"state.{s.name}" for s in contract.state]
-        if g != "decode"
-        else [f"pred.{s.name}" for s in contract.predictions]
-        for g in graphs
-    }
+    outputs_by_graph = {g: [name for name, _ in _graph_specs(contract, g)] for g in graphs}
     overrides = resolve_tolerances(tolerances, graphs, outputs_by_graph)
     outputs: dict[tuple[str, str], _Output] = {}
     for graph in graphs:
-        specs = contract.predictions if graph == "decode" else contract.state
-        prefix = "pred." if graph == "decode" else "state."
-        for spec in specs:
-            name = prefix + spec.name
+        for name, spec in _graph_specs(contract, graph):
             tol, source = pick_tolerance(
                 overrides, graph, name, spec.dtype, compute, spec.tolerance
             )
@@ -290,6 +283,27 @@ def _graphs(reference: Any, candidate: Any) -> tuple[str, ...]:
             hint="both must advertise the steps to compare in their class attribute 'capabilities'",
         )
     return graphs
+
+
+def _agent_graph(contract: IOContract, reference: Any, candidate: Any) -> tuple[str, ...]:
+    """The contract's agent step (``plan`` / ``act``) when both sides advertise it."""
+    agent = contract.agent
+    if agent is None:
+        return ()
+    cap = Capability(agent.graph)
+    return (agent.graph,) if _supports(reference, cap) and _supports(candidate, cap) else ()
+
+
+def _graph_specs(contract: IOContract, graph: str) -> list[tuple[str, TensorSpec]]:
+    """The compared outputs of ``graph``, by report name (``state.*``, ``pred.*``, and for an
+    agent step ``new_carry.*`` then ``out.*``)."""
+    if graph == "decode":
+        return [(f"pred.{s.name}", s) for s in contract.predictions]
+    if contract.agent is not None and graph == contract.agent.graph:
+        return [(f"new_carry.{s.name}", s) for s in contract.agent.carry] + [
+            (f"out.{s.name}", s) for s in contract.agent.outputs
+        ]
+    return [(f"state.{s.name}", s) for s in contract.state]
 
 
 # -- the sides ------------------------------------------------------------------------------
@@ -547,6 +561,10 @@ def _step_mode(run: _Run, graphs: Sequence[str], batch: int, seed: int) -> None:
     up_noise = make_noise(contract, "update", (batch,), gen)
     dec_noise = make_noise(contract, "decode", (batch,), gen)
     conds = make_conditions(contract, (batch,), gen)  # last: draws nothing without conditions
+    agent = contract.agent
+    # Drawn after everything else, so contracts without an agent step keep their inputs.
+    carry = {} if agent is None else {s.name: make_tensor(s, (batch,), gen) for s in agent.carry}
+    plan_noise = {} if agent is None else make_noise(contract, agent.graph, (batch,), gen)
 
     def record(graph: str, feeds: Arrays, ref_out: Arrays, cand: Arrays | str) -> None:
         results = _compare_graph(run, graph, ref_out, cand)
@@ -580,6 +598,9 @@ def _step_mode(run: _Run, graphs: Sequence[str], batch: int, seed: int) -> None:
         )
 
     s0_cpu = s0.to("cpu")
+    if agent is not None and agent.graph in graphs:
+        _agent_step(run, agent.graph, s0_cpu, carry, plan_noise, conds, record)
+
     cond = conditions_payload(tr_noise, conds)
     s1 = _call_reference("transition", lambda: ref.transition(s0, _to(action, rd), _to(cond, rd)))
     if "transition" in graphs:
@@ -623,6 +644,37 @@ def _step_mode(run: _Run, graphs: Sequence[str], batch: int, seed: int) -> None:
             _pred_arrays(p),
             cp if isinstance(cp, str) else _pred_arrays(cp),
         )
+
+
+def _agent_step(
+    run: _Run,
+    graph: str,
+    state: State,
+    carry: Mapping[str, Tensor],
+    noise: Mapping[str, Tensor],
+    conds: Mapping[str, Tensor],
+    record: Callable[[str, Arrays, Arrays, Arrays | str], None],
+) -> None:
+    """The agent step (``plan_step``) on the reference's encoded state plus ``carry``, with
+    every noise input given (``deterministic=False``)."""
+    ref, cand, rd, cd = run.reference, run.candidate, run.ref_device, run.cand_device
+    full = State({**state.tensors, **carry})
+    cond = conditions_payload(noise, conds)
+    names = _graph_specs(run.contract, graph)
+
+    def arrays(out: State) -> Arrays:
+        tensors = out.tensors
+        return {name: _numpy(tensors[name.split(".", 1)[1]]) for name, _ in names}
+
+    ref_out = _call_reference(
+        graph, lambda: arrays(ref.plan_step(_to(full, rd), None, _to(cond, rd)))
+    )
+    got = _call_candidate(
+        run, graph, lambda: arrays(cand.plan_step(_to(full, cd), None, _to(cond, cd)))
+    )
+    feeds = _feeds(state=state, noise=noise, conds=conds)
+    feeds.update({f"carry.{k}": _numpy(v) for k, v in carry.items()})
+    record(graph, feeds, ref_out, got)
 
 
 def _rollout_modes(run: _Run, modes: Collection[str], batch: int, seed: int, horizon: int) -> None:

@@ -36,8 +36,9 @@ FORMAT: Final = "worldflux.parity"
 VERSION: Final = 1
 #: The comparison modes, in the order they run and are reported.
 MODES: Final = ("step", "teacher_forced", "free_running")
-#: Graphs in pipeline order (localisation blames the earliest failing one).
-GRAPHS: Final = ("encode", "transition", "update", "decode")
+#: Graphs in pipeline order (localisation blames the earliest failing one); the agent steps
+#: (`AgentSpec.graph`) come last: they run on an encoded state.
+GRAPHS: Final = ("encode", "transition", "update", "decode", "plan", "act")
 
 
 @dataclass

@@ -21,6 +21,7 @@ __all__ = [
     "make_observations",
     "make_tensor",
     "noise_conditions",
+    "sample_noise",
 ]
 
 # Uniform noise stays off the ends: inverse-CDF and Gumbel transforms diverge at 0 and 1.
@@ -109,9 +110,36 @@ def make_noise_tensor(
 ) -> Tensor:
     """A seeded ``noise`` tensor with leading dims ``lead`` (uniform noise kept off 0 and 1)."""
     spec = noise.as_tensor_spec()
+    if noise.distribution in ("exponential", "permutation"):
+        shape = (*lead, *spec.concrete_shape(batch=1)[1:])
+        return sample_noise(noise, shape, device=device, generator=generator)
     if noise.distribution == "uniform":
         spec = TensorSpec(spec.name, spec.dtype, spec.shape, low=_EPS, high=1.0 - _EPS)
     return make_tensor(spec, lead, generator, device)
+
+
+def sample_noise(
+    noise: NoiseSpec,
+    shape: tuple[int, ...],
+    *,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """A fresh ``noise`` tensor of ``shape`` as its distribution declares it.
+
+    ``generator`` (on ``device``) seeds it; None uses torch's default generator. Permutation
+    noise draws, per leading position, ``randperm(classes)[:k]`` (ranks of uniform draws).
+    """
+    dtype = getattr(torch, noise.dtype)
+    if noise.distribution == "permutation":
+        assert noise.classes is not None
+        u = torch.rand((*shape[:-1], noise.classes), device=device, generator=generator)
+        return u.argsort(dim=-1)[..., : shape[-1]].to(dtype)
+    if noise.distribution == "exponential":
+        return torch.empty(shape, device=device, dtype=dtype).exponential_(generator=generator)
+    if noise.distribution == "normal":
+        return torch.randn(shape, device=device, dtype=dtype, generator=generator)
+    return torch.rand(shape, device=device, dtype=dtype, generator=generator)
 
 
 def make_conditions(

@@ -288,10 +288,9 @@ class WorldModel(nn.Module, ABC):
                     f"noise {spec.condition_key!r} has shape {tuple(given.shape)}, expected {shape}"
                 )
             return given
-        dtype = getattr(torch, spec.dtype)
-        if spec.distribution == "uniform":
-            return torch.rand(shape, device=device, dtype=dtype)
-        return torch.randn(shape, device=device, dtype=dtype)
+        from ._inputs import sample_noise
+
+        return sample_noise(spec, shape, device=device)
 
     def check_step_output(self, step: str, output: Any) -> None:
         """Check what ``step`` returned against the contract; raise `ContractError` if it

@@ -35,8 +35,10 @@ ALL_GRAPHS = ("encode", "transition", "update", "decode")
 #: The fused rollout graph: ``horizon`` transition + decode steps unrolled into one graph, so a
 #: runtime launches one session run (one CUDA-graph replay) per ``horizon`` steps.
 ROLLOUT = "rollout"
+#: Agent steps (`AgentSpec.graph`): exported when the contract declares one.
+AGENT_GRAPHS = ("plan", "act")
 #: Every graph name `check_graphs` accepts, in the order they are written.
-KNOWN_GRAPHS = (*ALL_GRAPHS, ROLLOUT)
+KNOWN_GRAPHS = (*ALL_GRAPHS, ROLLOUT, *AGENT_GRAPHS)
 #: ``<graph>.mode`` is the deterministic variant of a stochastic graph: the step with
 #: ``deterministic=True`` (the distribution's mode), without noise inputs.
 MODE_SUFFIX = ".mode"
@@ -54,7 +56,9 @@ class Port:
     ``new_state.<key>`` (encode, transition, update) or ``pred.<key>`` (decode). Side conditions
     are ``cond.<name>`` inputs of every step that reads them. The fused ``rollout`` graph takes
     ``actions`` and ``noise.<name>`` and gives ``states.<key>`` and ``pred.<key>`` with a fixed
-    leading time axis (``lead``) before the batch axis.
+    leading time axis (``lead``) before the batch axis. An agent step (``plan`` / ``act``)
+    takes ``state.<key>``, ``carry.<name>``, side conditions and noise and gives
+    ``new_carry.<name>`` and ``out.<name>`` (`AgentSpec`).
     """
 
     name: str
@@ -117,6 +121,8 @@ def signature(contract: IOContract, graph: str, *, horizon: int | None = None) -
     """
     if graph.removesuffix(MODE_SUFFIX) == ROLLOUT:
         return _rollout_signature(contract, horizon, mode=graph.endswith(MODE_SUFFIX))
+    if graph in AGENT_GRAPHS and horizon is None:
+        return _agent_signature(contract, graph)
     if horizon is not None:
         raise ExportError(f"graph {graph!r} takes no horizon", graph=graph)
     mode = graph.endswith(MODE_SUFFIX)
@@ -179,6 +185,25 @@ def rollout_noise(contract: IOContract) -> tuple[NoiseSpec, ...]:
     specs = list(contract.noise_for("transition"))
     specs += [n for n in contract.noise_for("decode") if n not in specs]
     return tuple(specs)
+
+
+def _agent_signature(contract: IOContract, graph: str) -> GraphSignature:
+    agent = contract.agent
+    if agent is None or agent.graph != graph:
+        raise ExportError(
+            f"this contract declares no {graph!r} agent step",
+            hint="a family declares its agent step as IOContract(agent=AgentSpec(...))",
+            graph=graph,
+        )
+    state = tuple(Port(f"state.{s.name}", s) for s in contract.state)
+    carry = tuple(Port(f"carry.{s.name}", s) for s in agent.carry)
+    specs = contract.noise_for(graph)
+    noise = tuple(Port(f"noise.{n.name}", n.as_tensor_spec()) for n in specs)
+    outputs = tuple(Port(f"new_carry.{s.name}", s) for s in agent.carry) + tuple(
+        Port(f"out.{s.name}", s) for s in agent.outputs
+    )
+    inputs = state + carry + _condition_ports(contract) + noise
+    return GraphSignature(graph, inputs, outputs, tuple(n.name for n in specs))
 
 
 def _rollout_signature(
@@ -262,6 +287,16 @@ class GraphModule(nn.Module):
         det = self.sig.deterministic
         conditions = conditions_payload(group["noise"], group["cond"])
         action = named.get("action")
+        if graph in AGENT_GRAPHS:
+            if graph != "plan":
+                raise ExportError(
+                    f"the {graph!r} agent graph is not supported by this exporter yet",
+                    hint="export the 'plan' agent step (WorldModel.plan_step)",
+                    graph=graph,
+                )
+            state = State({**group["state"], **group["carry"]})
+            result = model.plan_step(state, None, conditions, det).tensors
+            return {**_prefixed("new_carry", result), **_prefixed("out", result)}
         if graph == ROLLOUT:
             traj = model.rollout(State(group["state"]), named["actions"], conditions, det)
             states = traj.states[1:]
@@ -323,7 +358,13 @@ def _prefixed(prefix: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _groups(named: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    out: dict[str, dict[str, Tensor]] = {"obs": {}, "state": {}, "noise": {}, "cond": {}}
+    out: dict[str, dict[str, Tensor]] = {
+        "obs": {},
+        "state": {},
+        "noise": {},
+        "cond": {},
+        "carry": {},
+    }
     for name, value in named.items():
         prefix, _, key = name.partition(".")
         if prefix in out:

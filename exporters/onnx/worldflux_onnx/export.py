@@ -94,7 +94,10 @@ def export_model(
             existing export there is replaced; any other non-empty directory is refused.
         opset: ONNX opset (default `DEFAULT_OPSET`).
         graphs: Graph names, or ``"all"`` for every protocol step the model's capabilities
-            allow. ``"rollout"`` (asked for by name) adds the fused rollout graph:
+            allow. The agent step its contract declares (`AgentSpec`: ``"plan"`` / ``"act"``,
+            one graph per environment step, every random draw an input) is exported when
+            named (``"encode,plan"``, ``"all,plan"``): it is the largest graph by far.
+            ``"rollout"`` (asked for by name) adds the fused rollout graph:
             ``rollout_horizon`` transition + decode steps of the model's own ``rollout``,
             unrolled into one graph that `OnnxWorldModel.rollout` runs once per horizon.
         precision: ``"fp32"``, ``"fp16"`` (weights and compute in half, graph inputs and outputs
@@ -207,6 +210,8 @@ def _select_graphs(model: nn.Module, graphs: Sequence[str] | str) -> tuple[str, 
         if graphs == "all":
             return tuple(g for g in ALL_GRAPHS if ok(g))
         graphs = [g.strip() for g in graphs.split(",") if g.strip()]
+    if "all" in graphs:  # "all,plan": every protocol step, and the graphs named beside it
+        graphs = [*(g for g in ALL_GRAPHS if ok(g)), *(g for g in graphs if g != "all")]
     selected = check_graphs(graphs)
     if not selected:
         raise ExportError("no graph to export", hint="graphs: " + ", ".join(KNOWN_GRAPHS))

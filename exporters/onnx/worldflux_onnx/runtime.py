@@ -60,6 +60,8 @@ _GRAPH_CAPS = {
     "update": Capability.UPDATE,
     "decode": Capability.DECODE,
     ROLLOUT: Capability.ROLLOUT,
+    "plan": Capability.PLAN,
+    "act": Capability.ACT,
 }
 
 
@@ -378,6 +380,72 @@ class OnnxWorldModel(WorldModel):
     def decode(self, state: State, conditions: ConditionPayload | None = None) -> ModelOutput:
         """Decode latent state to predictions (ONNX ``decode`` graph)."""
         return ModelOutput(self._step("decode", self._state_inputs(state), conditions, False))
+
+    def plan_step(
+        self,
+        state: State,
+        action: ActionLike = None,
+        conditions: ConditionPayload | None = None,
+        deterministic: bool = False,
+    ) -> State:
+        """One agent step (ONNX ``plan`` graph), as the torch model's ``plan_step``.
+
+        ``state`` holds the contract's state (an `encode`d observation) and the agent's carry
+        (`AgentSpec.carry`, e.g. a warm start; a missing one is zeros: the first step). Noise
+        comes from ``wf.noise.<name>`` extras (each missing one is sampled);
+        ``deterministic=True`` feeds zeros for the agent's exploration noise
+        (`AgentSpec.explore`). Returns ``state`` with the new carry and the outputs added.
+        """
+        agent = self._contract.agent
+        if agent is None:
+            return super().plan_step(state, action, conditions, deterministic)
+        if action is not None:
+            raise ContractError(
+                "plan_step chooses the action; pass action=None",
+                hint="use transition() to step the model with a given action",
+            )
+        run = self._graphs.get(agent.graph)
+        if run is None:
+            raise CapabilityError(
+                f"this export has no {agent.graph!r} graph",
+                hint=f"re-export with graphs=(..., {agent.graph!r})",
+                graph=agent.graph,
+            )
+        tensors = state.tensors
+        names = [name for name, _ in run.inputs]
+        inputs = {
+            f"state.{k}": tensors[k] for k in self._contract.state_keys if f"state.{k}" in names
+        }
+        missing = [n.removeprefix("state.") for n in names if n.startswith("state.")]
+        missing = [k for k in missing if k not in tensors]
+        if missing:
+            raise ContractError(
+                f"state is missing keys {missing}", hint="pass the State encode() returned"
+            )
+        batch = _batch_of(inputs) if inputs else _batch_of(dict(tensors))
+        for spec in agent.carry:
+            value = tensors.get(spec.name)
+            if value is None:
+                shape = spec.concrete_shape(batch=batch)
+                value = torch.zeros(shape, dtype=getattr(torch, spec.dtype), device=self.device)
+            inputs[f"carry.{spec.name}"] = value
+        if deterministic:
+            if not agent.explore and run.noise:
+                raise CapabilityError(
+                    f"the {agent.graph} graph declares no exploration noise whose zeros give "
+                    "the deterministic step",
+                    hint="pass deterministic=False",
+                    graph=agent.graph,
+                )
+            extras = dict(conditions.extras) if conditions is not None else {}
+            for name, _port, key, rest in run.noise:
+                if name in agent.explore:
+                    noise = next(n for n in self._contract.noise if n.name == name)
+                    dtype = getattr(torch, noise.dtype)
+                    extras[key] = torch.zeros((batch, *rest), dtype=dtype, device=self.device)
+            conditions = ConditionPayload(extras)
+        out = self._step(agent.graph, inputs, conditions, False)
+        return State({**tensors, **out})
 
     def rollout(
         self,

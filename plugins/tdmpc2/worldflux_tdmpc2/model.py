@@ -110,6 +110,25 @@ class SimNorm(nn.Module):
         return F.softmax(y, dim=-1).reshape(x.shape)
 
 
+class Mish(nn.Mish):
+    """``nn.Mish`` (the official activation); traced for export or ``torch.compile``, the same
+    function written as ``x * n / (n + 2)`` with ``n = e^x (e^x + 2)`` (``tanh(softplus(x))``
+    in closed form, ``x`` clamped at 20 where both are 1 in float32).
+
+    Eager calls stay ``F.mish``, bitwise the official. ONNX Runtime's CPU ``Softplus`` kernel is
+    ~9x slower than these elementwise ops and took over half of an exported MPPI plan's time;
+    the closed form is also closer to torch's ``mish`` (max abs 1e-6 against 2e-6).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Mish of ``x``."""
+        if not _tracing():
+            return F.mish(x)
+        e = torch.exp(torch.clamp(x, max=20.0))
+        n = e * (e + 2.0)
+        return x * (n / (n + 2.0))
+
+
 class NormedLinear(nn.Linear):
     """Linear layer followed by (dropout), LayerNorm and an activation (Mish by default)."""
 
@@ -118,7 +137,7 @@ class NormedLinear(nn.Linear):
     ) -> None:
         super().__init__(fan_in, fan_out)
         self.ln = nn.LayerNorm(fan_out)
-        self.act = act if act is not None else nn.Mish()
+        self.act = act if act is not None else Mish()
         self.dropout = nn.Dropout(dropout) if dropout else None
 
     def forward(self, x: Tensor) -> Tensor:

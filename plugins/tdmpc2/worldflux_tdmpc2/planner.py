@@ -231,6 +231,24 @@ def check_noise(
     return given
 
 
+def _tracing() -> bool:
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(torch.compiler.is_compiling() or (exporting is not None and exporting()))
+
+
+def _top_k(value: Tensor, k: int) -> Tensor:
+    """Indices ``[B, k]`` of the ``k`` largest values, ties broken by the lower index.
+
+    That is ONNX ``TopK``'s rule; ``torch.topk`` leaves ties in any order. Eager torch uses a
+    stable sort so that it and an exported graph pick the same elites even when values tie (a
+    fresh model's zero-initialised reward and Q heads make every candidate tie); traced, it is
+    ``topk``, which exports to ``TopK``. Without ties both are ``torch.topk``.
+    """
+    if _tracing():
+        return torch.topk(value, k, dim=-1).indices
+    return torch.sort(value, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
 def _take(x: Tensor, idx: Tensor, dim: int) -> Tensor:
     """``x`` indexed along ``dim`` by per-batch ``idx`` ``[B, M]`` (``x`` is ``[B, ...]``)."""
     shape = [1] * x.dim()
@@ -335,7 +353,7 @@ def plan(
             weights,
             task2,
         ).nan_to_num(0)
-        elite_idxs = torch.topk(value, k, dim=-1).indices  # [B, K]
+        elite_idxs = _top_k(value, k)  # [B, K]
         elite_value = torch.gather(value, 1, elite_idxs)
         elite_actions = _take(actions, elite_idxs, 2)  # [B, H, K, A]
         max_value = elite_value.max(-1, keepdim=True).values

@@ -24,7 +24,14 @@ from collections.abc import Mapping
 from itertools import pairwise
 from typing import Any, Final
 
-from worldflux_registry import Capability, ConfigError, IOContract, TensorSpec
+from worldflux_registry import (
+    AgentSpec,
+    Capability,
+    ConfigError,
+    IOContract,
+    NoiseSpec,
+    TensorSpec,
+)
 
 __all__ = [
     "CAPABILITIES",
@@ -37,6 +44,8 @@ __all__ = [
     "discount_for",
     "discounts",
     "param_count",
+    "plan_agent",
+    "plan_noise",
     "planner_iterations",
     "task_dim",
 ]
@@ -163,6 +172,7 @@ CAPABILITIES: Final = frozenset(
         Capability.REWARD,
         Capability.VALUE,
         Capability.POLICY,
+        Capability.PLAN,
         Capability.VECTOR_OBS,
         Capability.CONTINUOUS_ACTIONS,
     }
@@ -322,6 +332,12 @@ def check_config(config: Mapping[str, Any]) -> None:
 #: float32 noise of two runtimes (1e-6 on a latent after 16 free-running steps) reaches 2e-5 on
 #: these outputs while every other output stays within the default tolerance.
 READOUT_TOLERANCE: Final = (1e-4, 1e-4)
+#: Parity tolerance of the planner's outputs: MPPI weighs its elites by
+#: ``exp(temperature * value)``, values summed from the two-hot readouts above, so their float32
+#: noise moves the mean, std and action by up to ~1e-4 (ONNX Runtime CPU against torch on the
+#: official single-task reference checkpoint, random warm starts); a different elite set moves
+#: them by ~1e-1.
+PLAN_TOLERANCE: Final = (1e-3, 1e-3)
 
 
 def contract(config: Mapping[str, Any]) -> IOContract:
@@ -402,6 +418,77 @@ def contract(config: Mapping[str, Any]) -> IOContract:
         )
         if config["tasks"]
         else (),
+        noise=plan_noise(config),
+        agent=plan_agent(config),
+    )
+
+
+def plan_noise(config: Mapping[str, Any]) -> tuple[NoiseSpec, ...]:
+    """Every random draw of one MPPI planning step (`worldflux_tdmpc2.planner`), graph ``plan``.
+
+    Condition extras ``wf.noise.plan_<name>``, in the official draw order: ``pi_eps``
+    ``[batch, horizon, num_pi_trajs, action_dim]`` normal, ``sample_eps``
+    ``[batch, iterations, horizon, num_samples - num_pi_trajs, action_dim]`` normal,
+    ``value_eps`` ``[batch, iterations, num_samples, action_dim]`` normal, ``q_heads``
+    ``[batch, iterations, 2]`` int64 (``randperm(num_q)[:2]``), ``gumbel_exp``
+    ``[batch, num_elites]`` Exponential(1) and ``action_eps`` ``[batch, action_dim]`` normal
+    (exploration, read only when ``deterministic=False``).
+    """
+    h, i, n = config["horizon"], planner_iterations(config), config["num_samples"]
+    p, k, a = config["num_pi_trajs"], config["num_elites"], config["action_dim"]
+    graphs = ("plan",)
+    return (
+        NoiseSpec("plan_pi_eps", ("batch", h, p, a), graphs, "normal"),
+        NoiseSpec("plan_sample_eps", ("batch", i, h, n - p, a), graphs, "normal"),
+        NoiseSpec("plan_value_eps", ("batch", i, n, a), graphs, "normal"),
+        NoiseSpec("plan_q_heads", ("batch", i, 2), graphs, "permutation", "int64", config["num_q"]),
+        NoiseSpec("plan_gumbel_exp", ("batch", k), graphs, "exponential"),
+        NoiseSpec("plan_action_eps", ("batch", a), graphs, "normal"),
+    )
+
+
+def plan_agent(config: Mapping[str, Any]) -> AgentSpec:
+    """The agent step: `TDMPC2WorldModel.plan_step` (MPPI) on an encoded state.
+
+    Carry ``plan_mean`` ``[batch, horizon, action_dim]`` (the warm start; zeros at the first
+    step); outputs ``plan_action`` ``[batch, action_dim]`` in [-1, 1] and ``plan_std``. The
+    exploration noise ``plan_action_eps`` is scaled by ``plan_std[:, 0]``, so its zeros give
+    the ``deterministic=True`` (official ``eval_mode``) action exactly.
+    """
+    h, a = config["horizon"], config["action_dim"]
+    return AgentSpec(
+        graph="plan",
+        action="plan_action",
+        carry=(
+            TensorSpec(
+                "plan_mean",
+                "float32",
+                ("batch", h, a),
+                low=-1.0,
+                high=1.0,
+                description="MPPI mean: the warm start of the next step (zeros at t0)",
+                tolerance=PLAN_TOLERANCE,
+            ),
+        ),
+        outputs=(
+            TensorSpec(
+                "plan_action",
+                "float32",
+                ("batch", a),
+                low=-1.0,
+                high=1.0,
+                description="the action to take",
+                tolerance=PLAN_TOLERANCE,
+            ),
+            TensorSpec(
+                "plan_std",
+                "float32",
+                ("batch", h, a),
+                description="final MPPI standard deviation",
+                tolerance=PLAN_TOLERANCE,
+            ),
+        ),
+        explore=("plan_action_eps",),
     )
 
 
