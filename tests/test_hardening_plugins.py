@@ -94,9 +94,14 @@ def test_a_real_ctrl_c_while_a_plugin_runs_still_stops_discovery():
             time.sleep(5)
             return []
 
-    with pytest.raises(KeyboardInterrupt):
-        Registry(entry_points=False, plugins=[Slow()]).plugins()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs in the background
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            Registry(entry_points=False, plugins=[Slow()]).plugins()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_plugin_prints_go_to_stderr_and_list_json_stays_parseable(site, monkeypatch, capsys):

@@ -27,6 +27,8 @@ from worldflux_registry.plugin_api import (
     writer_lock,
 )
 
+from ._names import KNOWN_GRAPHS, MODE_SUFFIX
+
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
@@ -71,7 +73,7 @@ def sha256_file(path: Path) -> str:
 MIN_OPSET = 13
 MAX_OPSET = 23
 PRECISIONS = ("fp32", "fp16", "int8")
-_GRAPH_NAME = re.compile(r"^(encode|transition|update|decode|rollout)(\.mode)?$")
+_GRAPH_NAME = re.compile(rf"^({'|'.join(KNOWN_GRAPHS)})({re.escape(MODE_SUFFIX)})?$")
 _SHA256 = re.compile(r"^sha256:[0-9a-f]{64}$")
 _REEXPORT = "the manifest was edited or damaged; re-export the model"
 

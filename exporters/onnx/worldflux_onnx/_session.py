@@ -3,7 +3,7 @@
 ONNX Runtime's own defaults (one intra-op thread per core, threads spin-waiting between
 kernels) are tuned for a machine the model has to itself. On a shared machine (a simulator, a
 robot's control loop, other models beside it) the spinning threads compete with everything else:
-one DreamerV3 transition took 2x longer that way than with one thread. The defaults here stop
+one world-model transition took 2x longer that way than with one thread. The defaults here stop
 spinning and size the pool from the cores this process may use.
 """
 
