@@ -54,7 +54,7 @@ def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def _full_or_short(contract: Any) -> str:
+def _fingerprint_prefix(contract: Any) -> str:
     return _short(contract.fingerprint(), 32) + "... (--json: all 64 digits)"
 
 
@@ -180,7 +180,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         # The full 64 hex digits where they fit; any unique prefix of 8 or more resolves.
         (
             "fingerprint",
-            contract.fingerprint() if console.width >= 90 else _full_or_short(contract),
+            contract.fingerprint() if console.width >= 90 else _fingerprint_prefix(contract),
         ),
     ):
         head.add_row(key, str(value))
