@@ -139,3 +139,12 @@ def test_extension_modules_register_subcommands_when_present(module):
         pytest.skip(f"{module} is not part of this checkout")
     sub = next(a for a in parser._actions if a.dest == "command")
     assert len(sub.choices) > 4
+
+
+def test_version_names_this_distribution_and_the_plugins_found(capsys):
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"worldflux-registry {version('worldflux-registry')}")
+    assert f"worldflux-tdmpc2 {version('worldflux-tdmpc2')}" in out

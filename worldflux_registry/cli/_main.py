@@ -397,11 +397,39 @@ class _UsageError(Exception):
     pass
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: discovery runs only when asked, not for every parser built."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: Any, *args: Any, **kwargs: Any) -> None:
+        sys.stdout.write(f"{parser.prog} {_versions()}\n")
+        parser.exit()
+
+
+def _versions() -> str:
+    """This distribution's version, then each plugin distribution's (as discovery found them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        core = version("worldflux-registry")
+    except PackageNotFoundError:
+        core = "unknown"
+    plugins = sorted(
+        {f"{r.distribution} {r.version}" for r in _registry().plugins() if r.distribution}
+    )
+    return core + (f" (plugins: {', '.join(plugins)})" if plugins else "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser, core subcommands plus every installed extension's."""
     parser = _Parser(
         prog="worldflux-registry",
         description="Find, inspect and load world model families published by plugins.",
+    )
+    parser.add_argument(
+        "--version", action=_VersionAction, help="show this and the plugins' versions"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
