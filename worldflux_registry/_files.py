@@ -232,45 +232,34 @@ class ArtifactDir:
         regular file, a file over ``max_bytes``, or one that holds more than ``fstat`` said
         (``/proc`` files report size 0).
         """
-        fd, size = self._open(name, what)
-        try:
-            self._check_size(name, size, max_bytes, what)
-            chunks = []
-            left = size
-            while left > 0:
-                chunk = os.read(fd, min(left, 1 << 24))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                left -= len(chunk)
-            if left or os.read(fd, 1):
-                raise self.error(
-                    f"{what} {self.root / str(name)} changed size while it was read",
-                    hint="another process is writing it; try again when it is done",
-                )
-            return b"".join(chunks)
-        finally:
-            os.close(fd)
+        return b"".join(self._chunks(name, what, max_bytes, 1 << 24, "read"))
 
     def sha256(self, name: object, *, what: str, max_bytes: int = MAX_ARTIFACT_FILE_BYTES) -> str:
         """Hex sha256 of the regular file ``name`` (same checks as `read`, streamed)."""
+        digest = hashlib.sha256()
+        for chunk in self._chunks(name, what, max_bytes, 1 << 20, "hashed"):
+            digest.update(chunk)
+        return digest.hexdigest()
+
+    def _chunks(
+        self, name: object, what: str, max_bytes: int, size_hint: int, verb: str
+    ) -> Iterator[bytes]:
+        """The bytes of the checked regular file ``name``, exactly as many as ``fstat`` said."""
         fd, size = self._open(name, what)
         try:
             self._check_size(name, size, max_bytes, what)
-            digest = hashlib.sha256()
             left = size
             while left > 0:
-                chunk = os.read(fd, min(left, 1 << 20))
+                chunk = os.read(fd, min(left, size_hint))
                 if not chunk:
                     break
-                digest.update(chunk)
+                yield chunk
                 left -= len(chunk)
             if left or os.read(fd, 1):
                 raise self.error(
-                    f"{what} {self.root / str(name)} changed size while it was hashed",
+                    f"{what} {self.root / str(name)} changed size while it was {verb}",
                     hint="another process is writing it; try again when it is done",
                 )
-            return digest.hexdigest()
         finally:
             os.close(fd)
 

@@ -6,7 +6,7 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from .._files import atomic_write
 from ._backends import _FUSED, _shorten
@@ -71,6 +71,11 @@ TARGETS: tuple[tuple[str, str], ...] = (
     ("parity", "Parity holds at every benchmarked setting"),
 )
 _TARGET_MODELS = ("dreamerv3:size12m", "tdmpc2:size5m")
+#: CPU batch-1 step targets: target id -> (peer backend ORT is compared with, its label).
+_CPU_STEP_PEERS: Final = {
+    "cpu-b1-step": ("torch", "torch eager"),
+    "cpu-b1-step-compile": ("torch-compile", "torch.compile"),
+}
 
 
 def _find(
@@ -129,27 +134,17 @@ def _verdict(target_id: str, runs: Sequence[Mapping[str, Any]]) -> dict[str, Any
             return {"status": "missed", "detail": "refused (parity failed): " + ", ".join(refused)}
         return {"status": "met", "detail": f"{len(results)} backend/batch settings checked"}
     for run in runs:
-        if target_id == "cpu-b1-step":
-            torch_t = _median(_find(run, "torch", 1, "cpu"), "step")
+        if target_id in _CPU_STEP_PEERS:
+            peer, label = _CPU_STEP_PEERS[target_id]
+            peer_t = _median(_find(run, peer, 1, "cpu"), "step")
             ort_t = _median(_find(run, "ort-cpu", 1, "cpu"), "step")
-            if torch_t and ort_t:
-                speedup = torch_t / ort_t
+            if peer_t and ort_t:
+                speedup = peer_t / ort_t
                 return {
                     "status": "met" if speedup >= 1.5 else "missed",
                     "value": speedup,
-                    "detail": f"ORT {speedup:.2f}x faster than torch eager "
-                    f"({ort_t * 1e6:.0f} us vs {torch_t * 1e6:.0f} us), needs >= 1.5x",
-                }
-        if target_id == "cpu-b1-step-compile":
-            compiled_t = _median(_find(run, "torch-compile", 1, "cpu"), "step")
-            ort_t = _median(_find(run, "ort-cpu", 1, "cpu"), "step")
-            if compiled_t and ort_t:
-                speedup = compiled_t / ort_t
-                return {
-                    "status": "met" if speedup >= 1.5 else "missed",
-                    "value": speedup,
-                    "detail": f"ORT {speedup:.2f}x faster than torch.compile "
-                    f"({ort_t * 1e6:.0f} us vs {compiled_t * 1e6:.0f} us), needs >= 1.5x",
+                    "detail": f"ORT {speedup:.2f}x faster than {label} "
+                    f"({ort_t * 1e6:.0f} us vs {peer_t * 1e6:.0f} us), needs >= 1.5x",
                 }
         if run["horizon"] != 16:
             continue

@@ -323,15 +323,9 @@ class AgentSpec:
                 f"agent graph {self.graph!r} is unknown",
                 hint="use one of " + ", ".join(AGENT_GRAPHS),
             )
-        seen: set[str] = set()
+        seen: set[str] = set()  # carry and outputs share one namespace
         for where, specs in (("agent carry ", self.carry), ("agent output ", self.outputs)):
-            for spec in specs:
-                if not isinstance(spec, TensorSpec):
-                    raise ContractError(f"{where}entry {spec!r} is not a TensorSpec")
-                spec.validate(where)
-                if spec.name in seen:
-                    raise ContractError(f"{where}name {spec.name!r} is declared twice")
-                seen.add(spec.name)
+            _validate_specs(where, specs, seen)
         if self.action not in {s.name for s in self.outputs}:
             raise ContractError(
                 f"agent action {self.action!r} is not one of its outputs "
@@ -417,14 +411,7 @@ class IOContract:
             ("target ", self.targets),
         ]
         for where, specs in groups:
-            seen: set[str] = set()
-            for spec in specs:
-                if not isinstance(spec, TensorSpec):
-                    raise ContractError(f"{where}entry {spec!r} is not a TensorSpec")
-                spec.validate(where)
-                if spec.name in seen:
-                    raise ContractError(f"{where}name {spec.name!r} is declared twice")
-                seen.add(spec.name)
+            _validate_specs(where, specs, set())
         if self.action is not None:
             self.action.validate("action ")
             if self.action.kind not in ("continuous", "discrete"):
@@ -490,6 +477,17 @@ class IOContract:
 def contract_fingerprint(contract: IOContract) -> str:
     """Return the stable fingerprint of a contract (``"sha256:"`` + 64 hex digits)."""
     return contract.fingerprint()
+
+
+def _validate_specs(where: str, specs: Iterable[Any], seen: set[str]) -> None:
+    """Validate each spec of one group; a name already in ``seen`` is declared twice."""
+    for spec in specs:
+        if not isinstance(spec, TensorSpec):
+            raise ContractError(f"{where}entry {spec!r} is not a TensorSpec")
+        spec.validate(where)
+        if spec.name in seen:
+            raise ContractError(f"{where}name {spec.name!r} is declared twice")
+        seen.add(spec.name)
 
 
 def _shape_tuple(d: Mapping[str, Any]) -> dict[str, Any]:
