@@ -6,7 +6,12 @@ with its recorded eps, each Q head online and target, Q min/avg with the recorde
 termination, the in-place renormalised task embedding), and ``loss/*`` and ``loss_nodrop/*``
 (TD targets, latent rollout, Q logits with the recorded dropout keep-masks, reward logits,
 termination logits, every loss term, the gradient norm, and the ``update_pi`` quantities after
-the official Adam step). Float32 within 1e-5 absolute; indices identical.
+the official Adam step). Float32 within 1e-5 relative to ``max(1, |ref|)`` (absolute below 1):
+Q values, TD targets and losses reach a few hundred, where one float32 ulp is 3e-5, so an
+absolute 1e-5 holds only where torch's CPU kernels sum in exactly the reference run's order
+(AVX-512); AVX2 kernels land 1-4 ulp away. The ``update_pi`` quantities after the official
+Adam step: the same bound on the reference kernels, 1e-3 on others (``tests/_kernels.py``).
+Indices identical.
 
 Left out, and why:
 
@@ -15,8 +20,8 @@ Left out, and why:
 - ``loss/returned/*`` duplicates the locals checked here (``.detach().mean()`` of them).
 - Multitask ``update_pi`` quantities (``pi.scaled_entropy``, ``pi.entropy``, ``pi.action``,
   ``pi.q_avg``, ``pi_loss``) depend on the Adam-stepped task embedding, whose gradient the
-  official vmap sums in another order (the reference README: <= 1.4e-6 relative); they are
-  checked at 1e-5 relative to ``max(1, |ref|)`` instead of 1e-5 absolute.
+  official vmap sums in another order (the reference README: <= 1.4e-6 relative); the same
+  1e-5 relative bound covers them.
 - ``pi_grad_norm``: the policy step itself (a separate official optimizer) is not part of the
   model; its loss is checked.
 
@@ -37,6 +42,7 @@ torch = pytest.importorskip("torch")
 np = pytest.importorskip("numpy")
 pytest.importorskip("worldflux_tdmpc2")
 
+from _kernels import SAME_KERNELS  # noqa: E402
 from worldflux_tdmpc2.importer import SOURCE_FORMAT, import_checkpoint  # noqa: E402
 
 from worldflux_registry import CheckpointError, ConfigError, registry  # noqa: E402
@@ -50,6 +56,9 @@ CONFIG = {
     "multitask": {"episode_lengths": "500,100,500"},
 }
 ATOL = 1e-5
+#: After the official Adam step: its first update moves each weight by ``lr * sign(grad)``, so a
+#: near-zero gradient summed in another order lands ``2 * lr = 6e-4`` away (`_kernels`).
+AFTER_ADAM = ATOL if SAME_KERNELS else 1e-3
 
 
 @pytest.fixture(autouse=True)
@@ -69,12 +78,11 @@ def imported(case: str, **extra: str):
     return import_checkpoint(DATA / case / "checkpoint.pt", {**CONFIG[case], **extra})
 
 
-def close(got, ref, atol=ATOL, rel=False):
+def close(got, ref, atol=ATOL):
+    """Assert ``|got - ref| / max(1, |ref|) <= atol`` everywhere (absolute below 1)."""
     got = got.detach().to(torch.float32)
     ref = ref.to(torch.float32).reshape(got.shape)
-    err = (got - ref).abs()
-    if rel:
-        err = err / ref.abs().clamp(min=1.0)
+    err = (got - ref).abs() / ref.abs().clamp(min=1.0)
     worst = float(err.max()) if err.numel() else 0.0
     assert worst <= atol, f"max error {worst:.3g} > {atol}"
 
@@ -246,7 +254,6 @@ def test_loss_matches_the_official_update(case, section):
     close(torch.nn.utils.clip_grad_norm_(model.parameters(), 20.0), r("grad_norm"))
     torch.optim.Adam(model.param_groups(3e-4)).step()
     pi = model.policy_loss(terms["zs"].detach(), batch.get("task"), noise)
-    rel = case == "multitask"
     for ours, theirs in [
         ("action", "pi.action"),
         ("entropy", "pi.entropy"),
@@ -255,9 +262,9 @@ def test_loss_matches_the_official_update(case, section):
         ("q_scaled", "pi.q_scaled"),
         ("loss", "pi_loss"),
     ]:
-        close(pi[ours], r(theirs), rel=rel)
+        close(pi[ours], r(theirs), atol=AFTER_ADAM)
     if section == "loss":
-        close(pi["scale"], r("scale.value.after"))
+        close(pi["scale"], r("scale.value.after"), atol=AFTER_ADAM)
 
 
 def test_loss_metrics_report_the_official_termination_statistics():

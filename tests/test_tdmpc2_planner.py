@@ -1,10 +1,15 @@
 """The official MPPI planner (``plan_step``) against three consecutive official ``plan()`` calls.
 
 Each case of ``tests/data/official/tdmpc2`` records every random draw of steps 0 (t0, eval),
-1 (warm-started, eval) and 2 (warm-started, exploration noise). Fed those draws, the planner
-must give the official elite indices of every iteration exactly, and the returned action, the
-final mean (the next warm start) and every candidate value within 1e-5, free-running (each
-step warm-started from our own previous mean).
+1 (warm-started, eval) and 2 (warm-started, exploration noise). Fed those draws, free-running
+(each step warm-started from our own previous mean), the planner must give:
+
+- where torch's CPU kernels are the reference run's (``tests/_kernels.py``): the official elite
+  indices of every iteration exactly, and the returned action, the final mean (the next warm
+  start) and every candidate value within 1e-5;
+- on any CPU: the official elite *set* of every iteration, the official elite drawn, candidate
+  values within 1e-3 relative to ``max(1, |ref|)`` (values reach ~100, and an ulp of
+  reassociation grows through six iterations), the action, the final mean and std within 1e-4.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ torch = pytest.importorskip("torch")
 np = pytest.importorskip("numpy")
 pytest.importorskip("worldflux_tdmpc2")
 
+from _kernels import NOT_SAME_KERNELS, SAME_KERNELS  # noqa: E402
 from worldflux_tdmpc2 import planner  # noqa: E402
 from worldflux_tdmpc2.importer import import_checkpoint  # noqa: E402
 
@@ -91,6 +97,7 @@ def run_steps(model, ref, case):
         plan_mean = out["plan_mean"]
 
 
+@pytest.mark.skipif(not SAME_KERNELS, reason=NOT_SAME_KERNELS)
 @pytest.mark.parametrize("case", CASES)
 def test_planner_reproduces_three_consecutive_official_steps(case):
     model, ref = load(case)
@@ -122,6 +129,33 @@ def test_planner_reproduces_three_consecutive_official_steps(case):
         )
         torch.testing.assert_close(out["plan_std"][0, 0], ref[p + "final/std0"], atol=1e-5, rtol=0)
         assert torch.equal(out["plan_action"], result.action)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_planner_follows_three_consecutive_official_steps_on_any_cpu(case):
+    model, ref = load(case)
+    for step, out, result in run_steps(model, ref, case):
+        p = f"plan/step{step}/"
+        for i in range(6):
+            it = f"{p}iter{i}/"
+            ours, theirs = result.elite_idxs[0, i], ref[it + "elite_idxs"]
+            assert sorted(ours.tolist()) == sorted(theirs.tolist()), (step, i)
+            torch.testing.assert_close(result.mean_in[0, i], ref[it + "mean.in"], atol=1e-4, rtol=0)
+            value = ref[it + "value"][:, 0]
+            error = (result.values[0, i] - value).abs() / value.abs().clamp(min=1.0)
+            assert float(error.max()) <= 1e-3, (step, i, float(error.max()))
+        # The elite drawn is the official one, by candidate index (the elite order may differ
+        # where two values tie within float32 noise).
+        drawn = int(result.elite_idxs[0, -1, result.rand_idx[0]])
+        assert drawn == int(ref[p + "iter5/elite_idxs"][ref[p + "final/rand_idx"]]), step
+        torch.testing.assert_close(
+            result.chosen[0], ref[p + "final/chosen_sequence"], atol=1e-4, rtol=0
+        )
+        torch.testing.assert_close(out["plan_action"][0], ref[p + "action"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            out["plan_mean"][0], ref[p + "prev_mean.after"], atol=1e-4, rtol=0
+        )
+        torch.testing.assert_close(out["plan_std"][0, 0], ref[p + "final/std0"], atol=1e-4, rtol=0)
 
 
 def test_warm_start_matters_and_t0_ignores_nothing_else():
