@@ -24,6 +24,7 @@ from worldflux_registry import (  # noqa: E402
     ConditionPayload,
     ContractError,
     ExportError,
+    Registry,
     State,
     WorldModel,
     registry,
@@ -132,6 +133,21 @@ def test_loaded_export_is_a_world_model_with_the_same_contract(toy):
     assert not model.supports(Capability.LOSS)
     assert model.providers == ["CPUExecutionProvider"]
     assert model.graph_path("decode") == toy.directory / "decode.onnx"
+
+
+def test_an_export_loads_and_rolls_out_without_its_family_installed(toy):
+    from worldflux_onnx import plugin as onnx_plugin
+
+    only_the_exporter = Registry(entry_points=False, plugins=[onnx_plugin])
+    assert only_the_exporter.list() == []  # no family at all, toyfamily included
+    model = only_the_exporter.load(toy.directory, device="cpu")
+    assert model.family == "toyfamily"
+    contract = toy.model.io_contract()
+    gen = torch.Generator().manual_seed(5)
+    obs = make_observations(contract, (2,), gen)
+    actions = make_actions(contract, (3, 2), gen)
+    trajectory = model.rollout(model.encode(obs, deterministic=False), actions)
+    assert trajectory.rewards.shape == (3, 2)
 
 
 def test_loss_raises_capability_error(toy):

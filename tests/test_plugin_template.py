@@ -144,3 +144,24 @@ def test_template_runs_the_conformance_kit_in_its_own_tests(template_site, tmp_p
     ):
         assert check in done.stdout, done.stdout[-4000:]
     assert "dreamerv3" not in done.stdout  # worldflux_families narrowed it to mymlp
+
+
+def test_the_write_a_plugin_usage_snippets_run_as_printed(template_site, tmp_path):
+    from test_docs_snippets import DOCS, expected_prints, python_blocks
+
+    page = (DOCS / "write-a-plugin.md").read_text(encoding="utf-8")
+    section = page[page.index("## 4. Install it and use it") : page.index("## 5.")]
+    blocks = python_blocks(section)
+    assert len(blocks) == 2
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(template_site), *sys.path])}
+    for code in blocks:  # in order, in one directory: the second reads what the first wrote
+        run = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.stdout.splitlines() == expected_prints(code)

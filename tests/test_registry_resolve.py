@@ -12,6 +12,7 @@ import pytest
 
 from worldflux_registry import (
     AmbiguousReferenceError,
+    BackendError,
     ConfigError,
     Registry,
     ResolutionError,
@@ -156,6 +157,32 @@ def test_load_builds_an_eval_model_with_overrides_dtype_and_preset(fixture_regis
         fixture_registry.load("toyfamily", latnt=5)
     with pytest.raises(ConfigError, match="unknown dtype"):
         fixture_registry.load("toyfamily", dtype="float99")
+
+
+def test_cuda_without_cuda_is_a_one_line_backend_error(fixture_registry, monkeypatch):
+    import torch
+
+    # What a CPU-only torch build reports, on any machine.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BackendError) as caught:
+        fixture_registry.load("toyfamily", device="cuda")
+    assert "'cuda' asked for" in str(caught.value) and "\n" not in str(caught.value)
+    assert "device='cpu'" in caught.value.hint and caught.value.device == "cuda"
+
+
+def test_a_cuda_index_past_the_visible_devices_is_a_backend_error(fixture_registry, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(BackendError, match=r"only 1 CUDA device"):
+        fixture_registry.load("toyfamily", device="cuda:3")
+
+
+def test_an_unknown_device_is_a_config_error(fixture_registry):
+    with pytest.raises(ConfigError, match="unknown device 'gpu'"):
+        fixture_registry.load("toyfamily", device="gpu")
+    assert fixture_registry.load("toyfamily", device="cpu").training is False
 
 
 @pytest.mark.gpu

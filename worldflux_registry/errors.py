@@ -1,22 +1,24 @@
 """Errors raised by worldflux-registry.
 
-Every error the library raises on bad input derives from :class:`WorldFluxRegistryError`::
+Every error the library raises on bad input derives from `WorldFluxRegistryError`:
 
-    WorldFluxRegistryError
-     ├── ContractError           a contract, payload, batch or state disagrees with its declaration
-     │    ├── ShapeMismatchError      tensors whose (batch) shapes disagree
-     │    └── StateError              a State or Trajectory is inconsistent (empty, wrong length)
-     │         └── StateFormatError   a State payload is malformed (also a ValueError)
-     ├── CapabilityError         the model does not advertise the capability asked for
-     ├── PluginError             a plugin failed to import, raised in a hook, or gave a bad spec
-     │    └── PluginConflictError    two distributions claim the same family name or alias
-     ├── ResolutionError         a ref names no family, preset, fingerprint or directory
-     │    └── AmbiguousReferenceError a fingerprint prefix matches several presets
-     ├── ConfigError             a config override names an unknown field
-     ├── CheckpointError         a checkpoint directory is missing, corrupt or incompatible
-     ├── ExportError             an exporter failed or an export artifact is invalid
-     ├── BackendError            a runtime backend (provider, library) is unavailable
-     └── ParityError             a parity check could not run
+```text
+WorldFluxRegistryError
+ ├── ContractError              a payload, batch or state disagrees with the contract
+ │    ├── ShapeMismatchError    tensors whose (batch) shapes disagree
+ │    └── StateError            an inconsistent State or Trajectory
+ │         └── StateFormatError a malformed State payload (also a ValueError)
+ ├── CapabilityError            the model does not advertise what was asked
+ ├── PluginError                a plugin failed to import, raised or gave a bad spec
+ │    └── PluginConflictError   two distributions claim one family name or alias
+ ├── ResolutionError            a ref names no family, preset, fingerprint or dir
+ │    └── AmbiguousReferenceError  a fingerprint prefix matches several presets
+ ├── ConfigError                a config override names an unknown field
+ ├── CheckpointError            a checkpoint is missing, corrupt or incompatible
+ ├── ExportError                an exporter failed or an artifact is invalid
+ ├── BackendError               a runtime backend (provider, library) is missing
+ └── ParityError                a parity check could not run
+```
 
 Messages say what was wrong, with the offending value, and what to do next. Structured fields
 (``family``, ``distribution``, ``graph``, ``output``, ``hint``) are kept on the instance so that

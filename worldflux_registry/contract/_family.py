@@ -60,7 +60,7 @@ class FamilySpec:
         validate_config: Optional ``validate_config(config)``, torch-free, called before a
             model is built; raises `ConfigError` (any other exception becomes one) naming the
             field at fault. Types are already checked against ``defaults``.
-        max_parameters: Parameter ceiling for this family (default `MAX_PARAMETERS`).
+        max_parameters: Parameter ceiling for this family (default 2e9, `MAX_PARAMETERS`).
         distribution: The distribution that provides the family (filled in by discovery).
         distribution_version: Its version (filled in by discovery).
     """
@@ -171,7 +171,7 @@ class FamilySpec:
         default's type (``bool`` for a bool, ``int`` for an int, ``int``/``float`` for a finite
         float, ``str``, a list for a list or tuple, a mapping for a mapping; a ``None`` default
         accepts anything); the family's ``validate_config``; and ``param_count(config)`` at most
-        ``max_parameters`` (default `MAX_PARAMETERS`), before anything is allocated.
+        ``max_parameters`` (default 2e9), before anything is allocated.
         """
         for key, value in config.items():
             if key not in self.defaults:

@@ -16,7 +16,7 @@ from ..checkpoint._format import (
     read_config_in,
     read_weights_in,
 )
-from ..errors import CheckpointError, ConfigError, WorldFluxRegistryError
+from ..errors import BackendError, CheckpointError, ConfigError, WorldFluxRegistryError
 
 if TYPE_CHECKING:
     import torch
@@ -202,5 +202,44 @@ def _place(model: WorldModel, device: Any, dtype: Any) -> WorldModel:
             dtype = parsed
         model = model.to(dtype=dtype)
     if device is not None:
-        model = model.to(device=device)
+        model = model.to(device=_usable_device(device))
     return model
+
+
+def _usable_device(device: Any) -> torch.device:
+    """``device`` as a torch device this process can place tensors on, or a typed error.
+
+    torch reports a CUDA device on a CPU-only build as an ``AssertionError`` deep inside
+    ``Module.to``; callers get a `BackendError` saying what to do instead.
+    """
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(
+            f"unknown device {device!r}", hint="e.g. 'cpu', 'cuda', 'cuda:1'", device=device
+        ) from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            built = torch.version.cuda is not None
+            why = "no GPU is visible" if built else "this torch build has no CUDA"
+            raise BackendError(
+                f"device {str(device)!r} asked for, but {why}",
+                hint="load with device='cpu', or install a CUDA build of torch",
+                device=str(device),
+            )
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise BackendError(
+                f"device {str(device)!r} asked for, but only {count} CUDA device(s) are visible",
+                hint=f"use an index below {count}, or check CUDA_VISIBLE_DEVICES",
+                device=str(device),
+            )
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise BackendError(
+            f"device {str(device)!r} asked for, but MPS is not available here",
+            hint="load with device='cpu'",
+            device=str(device),
+        )
+    return parsed

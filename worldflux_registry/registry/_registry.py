@@ -115,11 +115,11 @@ class Registry:
         strict: Raise at discovery on a broken or conflicting plugin; None reads
             ``WORLDFLUX_REGISTRY_STRICT``.
 
-    Example:
+    Examples:
         >>> from worldflux_registry import registry
         >>> registry.list("dreamer*")  # doctest: +SKIP
         ['dreamerv3']
-        >>> model = registry.load("dreamerv3:size12m", device="cuda")  # doctest: +SKIP
+        >>> model = registry.load("dreamerv3:ci")  # doctest: +SKIP
     """
 
     def __init__(

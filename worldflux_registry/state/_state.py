@@ -24,13 +24,18 @@ __all__ = ["State"]
 class State:
     """Generic state container (tensor dictionary + metadata).
 
-    ``tensors`` maps state keys (as the contract declares them) to tensors whose first dim is
-    the batch; ``meta`` holds JSON-serializable metadata. Indexing a State by key returns the
-    tensor.
+    Indexing a State by key returns the tensor: ``state["latent"]`` is
+    ``state.tensors["latent"]``.
+
+    Args:
+        tensors: State key (as the contract declares it) -> tensor whose first dim is the batch.
+        meta: JSON-serializable metadata that travels with the State (wire format included).
     """
 
     tensors: dict[str, Tensor] = field(default_factory=dict)
+    """State key (as the contract declares it) -> tensor whose first dim is the batch."""
     meta: dict[str, Any] = field(default_factory=dict)
+    """JSON-serializable metadata that travels with the State (wire format included)."""
     # Name of the shared-memory segment this State's tensors view (set by from_shared_memory).
     _shm_segment: str | None = field(default=None, init=False, repr=False, compare=False)
 
