@@ -553,6 +553,8 @@ _EXAMPLES: Final = {
         "worldflux-registry import dreamerv3 logdir/ckpt --out dr --config action_kind=discrete",
     ),
     "shm": ("worldflux-registry shm list", "worldflux-registry shm clean --json"),
+    "serve": ("worldflux-registry serve t --replicas 2 --max-batch-size 32 --port 8000",),
+    "triton": ("worldflux-registry triton t --out triton-repo",),
 }
 
 
