@@ -190,7 +190,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _summary(out: Path, width: int) -> Table:
-    """The graphs written: file, size on disk (external data included), export time."""
+    """The graphs written: file and size on disk (external data included); each graph's
+    export time was printed as it finished."""
     from rich.table import Table
 
     from .._rich import fit_words
@@ -201,22 +202,16 @@ def _summary(out: Path, width: int) -> Table:
     if manifest.get("opset") is not None:
         details.append(f"opset {manifest['opset']}")
     table = Table(title=f"Export {out} ({', '.join(details)})", title_justify="left")
-    for column, justify in (("graph", "left"), ("file", "left"), ("size", "right")):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    table.add_column("export time", justify="right")
+    table.add_column("graph")
+    table.add_column("file")
+    table.add_column("size", justify="right")
     for name, entry in (manifest.get("graphs") or {}).items():
         files = [
             entry.get("file", ""),
             *(e.get("file", "") for e in entry.get("external_data", [])),
         ]
         size = sum((out / f).stat().st_size for f in files if f and (out / f).is_file())
-        seconds = entry.get("export_seconds")
-        table.add_row(
-            name,
-            str(entry.get("file", "?")),
-            _size(size),
-            "-" if seconds is None else f"{seconds:.1f} s",
-        )
+        table.add_row(name, str(entry.get("file", "?")), _size(size))
     fit_words(table, width)
     return table
 
