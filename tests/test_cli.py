@@ -148,3 +148,71 @@ def test_version_names_this_distribution_and_the_plugins_found(capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"worldflux-registry {version('worldflux-registry')}")
     assert f"worldflux-tdmpc2 {version('worldflux-tdmpc2')}" in out
+
+
+def test_every_subcommand_help_has_examples_and_every_option_a_help_text():
+    from worldflux_registry.cli._main import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name, parser in sub.choices.items():
+        text = parser.format_help()
+        assert "examples:\n  worldflux-registry " + name in text, name
+        for action in parser._actions:
+            assert action.help, (name, action.dest)
+
+
+def test_help_shows_defaults_once():
+    from worldflux_registry.cli._main import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    text = " ".join(sub.choices["bench"].format_help().split())
+    assert "timed transitions (default: 50)" in text
+    assert text.count("(default: torch,ort-cpu)") == 1
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["export", "dreamerv3:ci", "--out", "{tmp}/e", "--graphs", "encode,bogus"],
+        ["export", "dreamerv3:ci", "--out", "{tmp}/full"],
+        ["bench", "dreamerv3:ci", "--backends", "torch,onnx"],
+        ["parity", "{tmp}/full", "--json", "{tmp}"],
+    ],
+)
+def test_usage_errors_exit_2_before_any_model_loads(argv, tmp_path, capsys, monkeypatch):
+    from worldflux_registry.registry._registry import Registry
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(Registry, "load", no_load)
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() and not err.startswith("\n"), err
+    assert "error" in err
+    assert (tmp_path / "full" / "notes.txt").read_text() == "mine"
+
+
+def test_all_combines_with_named_graphs():
+    from worldflux_registry.cli._main import build_parser
+
+    args = build_parser().parse_args(
+        ["export", "dreamerv3:ci", "--out", "d", "--graphs", "all,rollout"]
+    )
+    assert args.graphs == ["all", "rollout"]
+
+
+def test_parity_on_a_directory_that_is_no_export_names_the_export_command(tmp_path, capsys):
+    assert main(["parity", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "worldflux-registry export REF --out" in err and "export(model" not in err
+
+
+def test_an_unknown_family_suggests_the_family_not_its_aliases(capsys):
+    assert main(["info", "dreamerv"]) == 1
+    err = capsys.readouterr().err
+    assert "Did you mean 'dreamerv3'?" in err
+    assert "'dreamer'" not in err.split("(")[0]

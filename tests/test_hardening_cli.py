@@ -43,11 +43,11 @@ def _cases(p):
         (["bench", "toyfamily", "--device", "garbage"], 2),
         (["parity", str(p / "badexport"), "--device", "garbage"], 2),
         (["parity", str(p / "badexport"), "--device", "cuda:x"], 2),
-        (["bench", "toyfamily", "--json", str(p / "adir")], 1),
-        (["bench", "toyfamily", "--markdown", str(p / "afile" / "x.md")], 1),
+        (["bench", "toyfamily", "--json", str(p / "adir")], 2),
+        (["bench", "toyfamily", "--markdown", str(p / "afile" / "x.md")], 2),
         (["parity", str(p / "badexport"), "--json", str(p / "adir")], 2),
-        (["export", "toyfamily", "--out", str(p / "afile"), "--no-check"], 1),
-        (["export", "toyfamily", "--out", str(p / "afile" / "sub"), "--no-check"], 1),
+        (["export", "toyfamily", "--out", str(p / "afile"), "--no-check"], 2),
+        (["export", "toyfamily", "--out", str(p / "afile" / "sub"), "--no-check"], 2),
         (["export", "toyfamily", "--out", str(p / "o1"), "--opset", "0", "--no-check"], 1),
         (["export", "toyfamily", "--out", str(p / "o2"), "--opset", "999", "--no-check"], 1),
         (["info", str(p / "nested")], 1),
@@ -104,7 +104,7 @@ def test_an_unwritable_output_is_refused_before_work(tmp_path, capsys):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        assert main(["bench", "toyfamily", "--json", str(locked / "x.json")]) == 1
+        assert main(["bench", "toyfamily", "--json", str(locked / "x.json")]) == 2
         assert "not writable" in capsys.readouterr().err
     finally:
         locked.chmod(0o700)

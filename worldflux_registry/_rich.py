@@ -34,6 +34,24 @@ def fit_words(table: Any, width: int | None = None, *, cap: int = 40) -> Any:
         )
         while mins and sum(mins) + chrome > width and max(mins) > 6:
             mins[mins.index(max(mins))] -= 1
+        natural = [
+            max(
+                (
+                    len(_MARKUP.sub("", line))
+                    for c in [column.header, *column._cells]
+                    for line in str(c).splitlines()
+                ),
+                default=0,
+            )
+            for column in table.columns
+        ]
+        if sum(natural) + chrome > width and sum(mins) + chrome + len(mins) > width:
+            # Rich's own shrinking rounds and can end one column over the width when the
+            # minimums leave no slack: then the widths are set here, the rest to the widest.
+            spare = width - chrome - sum(mins)
+            widest = natural.index(max(natural))
+            for i, column in enumerate(table.columns):
+                column.width = mins[i] + (spare if i == widest else 0)
     for column, minimum in zip(table.columns, mins, strict=True):
         column.min_width = minimum
     return table

@@ -34,7 +34,7 @@ same name in both.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 __all__ = [
@@ -173,9 +173,16 @@ ModelNotFoundError = ResolutionError
 ConfigurationError = ConfigError
 
 
-def did_you_mean(name: str, candidates: Iterable[str]) -> str:
-    """Return ``" Did you mean 'x'?"`` for the closest candidates, or ``""`` when none is close."""
-    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.5)
+def did_you_mean(
+    name: str, candidates: Iterable[str], aliases: Mapping[str, str] | None = None
+) -> str:
+    """Return ``" Did you mean 'x'?"`` for the closest candidates, or ``""`` when none is close.
+
+    ``aliases`` maps an alias among the candidates to the name it stands for: a close alias
+    suggests that name, and each name is suggested once.
+    """
+    matches = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.5)
+    close = list(dict.fromkeys((aliases or {}).get(m, m) for m in matches))
     if not close:
         return ""
     return " Did you mean " + " or ".join(repr(c) for c in close) + "?"

@@ -6,12 +6,15 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from .._files import atomic_write
 from ._backends import _FUSED, _shorten
 from ._measure import environment
 from ._results import BenchRun
+
+if TYPE_CHECKING:
+    from rich.console import Group
 
 __all__ = [
     "FORMAT",
@@ -20,6 +23,7 @@ __all__ = [
     "document",
     "evaluate_targets",
     "to_markdown",
+    "to_rich",
     "write",
 ]
 
@@ -144,7 +148,7 @@ def _verdict(target_id: str, runs: Sequence[Mapping[str, Any]]) -> dict[str, Any
                     "status": "met" if speedup >= 1.5 else "missed",
                     "value": speedup,
                     "detail": f"ORT {speedup:.2f}x faster than {label} "
-                    f"({ort_t * 1e6:.0f} us vs {peer_t * 1e6:.0f} us), needs >= 1.5x",
+                    f"({_fmt_time(ort_t)} vs {_fmt_time(peer_t)}), needs >= 1.5x",
                 }
         if run["horizon"] != 16:
             continue
@@ -265,6 +269,137 @@ def to_markdown(doc: Mapping[str, Any]) -> str:
     if doc.get("notes"):
         lines += ["### Notes", ""] + [f"- {n}" for n in doc["notes"]] + [""]
     return "\n".join(lines)
+
+
+def _sig(value: float) -> str:
+    """Three significant digits, never in exponent form: 0.512, 5.12, 51.2, 512."""
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def _scale(seconds: float) -> tuple[float, str]:
+    if seconds < 1e-3:
+        return 1e6, "µs"
+    return (1e3, "ms") if seconds < 1.0 else (1.0, "s")
+
+
+def _time_cell(timing: Mapping[str, Any] | None) -> str:
+    """Median over the p10-p90 range, in the median's unit (``14.1 ms`` / ``1.10-32.1``)."""
+    if not timing:
+        return "-"
+    factor, unit = _scale(timing["median"])
+    spread = f"{_sig(timing['p10'] * factor)}-{_sig(timing['p90'] * factor)}"
+    return f"{_sig(timing['median'] * factor)} {unit}\n[dim]{spread}[/]"
+
+
+def _rate(value: float | None) -> str:
+    """Three significant digits: 54.3, 628, 12,300."""
+    if not value:
+        return "-"
+    return f"{float(f'{value:.3g}'):,.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def to_rich(doc: Mapping[str, Any], width: int | None = None) -> Group:
+    """The document for a terminal: per model a table of its results, then the speed targets
+    this document measured (met or missed), fitted to ``width`` columns.
+
+    Times are medians with the p10-p90 range beneath, three significant digits; the full
+    statistics, environment and every target are in the JSON and `to_markdown`.
+    """
+    from rich.console import Group
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
+    from .._rich import fit_words
+
+    parts: list[Any] = []
+    env = doc["environment"]
+    versions = env.get("versions", {})
+    machine = f"{env.get('cpu')} ({env.get('cpu_affinity')} cores)"
+    cuda = env.get("cuda")
+    gpu = f"{cuda['device']}" if cuda else "no GPU"
+    stack = ", ".join(f"{k} {versions[k]}" for k in ("torch", "onnxruntime") if versions.get(k))
+    parts.append(Text(f"{machine}, {gpu}; {stack}", style="dim"))
+    for run in doc["runs"]:
+        settings = run.get("settings", {})
+        export_t = run.get("export_time_s")
+        load = (_fmt_load(settings.get("loadavg_before")), _fmt_load(settings.get("loadavg_after")))
+        facts = [
+            f"horizon {run['horizon']}",
+            f"export {export_t:.1f} s" if export_t is not None else "export given",
+            f"torch threads {settings.get('torch_threads')}",
+            f"TF32 {'on' if settings.get('tf32') else 'off'}",
+            f"load {load[0]}→{load[1]}",
+        ]
+        results = run["results"]
+        devices = {r.get("device") or "-" for r in results}
+        parts.append(Text.from_markup(f"[bold]{escape(run['model'])}[/]: " + ", ".join(facts)))
+        table = Table(
+            caption="median, and p10-p90 beneath it; rollout: "
+            f"{run['horizon']} x (transition + decode)",
+            caption_justify="left",
+        )
+        table.add_column("backend")
+        if len(devices) > 1:
+            table.add_column("device")
+        table.add_column("batch", justify="right")
+        table.add_column("parity")
+        table.add_column("transition", justify="right")
+        table.add_column("rollout", justify="right")
+        table.add_column("steps/s", justify="right")
+        table.add_column("memory", justify="right")
+        notes: list[str] = []
+        for r in results:
+            parity = r.get("parity") or {}
+            verdict = (
+                "-" if not parity else "[green]pass[/]" if parity.get("passed") else "[red]FAIL[/]"
+            )
+            if r["status"] != "ok":
+                verdict = {"refused": "[red]refused[/]", "error": "[red]error[/]"}.get(
+                    r["status"], f"[yellow]{r['status']}[/]"
+                )
+                notes.append(f"{r['backend']} at batch {r['batch']}: {r['reason']}")
+            mem = r.get("memory") or {}
+            peak = mem.get("peak_bytes")
+            mem_cell = "-" if peak is None else f"{peak / 2**20:.0f} MiB"
+            if peak is not None and mem.get("kind") == "cuda":
+                mem_cell += " GPU"
+            cells = [r["backend"], *([r.get("device") or "-"] if len(devices) > 1 else [])]
+            cells += [
+                str(r["batch"]),
+                verdict,
+                _time_cell(r.get("step")),
+                _time_cell(r.get("rollout")),
+                _rate(r.get("throughput")),
+                mem_cell,
+            ]
+            table.add_row(*cells)
+        parts.append(fit_words(table, width))
+        for note in notes:
+            parts.append(Text(note, style="yellow"))
+    for failure in doc.get("failures", ()):
+        parts.append(Text(f"{failure['model']} not benchmarked: {failure['reason']}", "red"))
+    models = {r["model"] for r in doc["runs"]}
+    measured = [
+        v for v in doc.get("targets", ()) if v["model"] in models and v["status"] != "not-measured"
+    ]
+    if measured:
+        several = len(models) > 1
+        targets = Table(title="Speed targets measured by this run", title_justify="left")
+        for column in ("target", *(("model",) if several else ()), "verdict", "measured"):
+            targets.add_column(column)
+        for v in measured:
+            colour = "green" if v["status"] == "met" else "red"
+            targets.add_row(
+                v["text"],
+                *((v["model"],) if several else ()),
+                f"[{colour}]{v['status']}[/]",
+                escape(v["detail"]),
+            )
+        parts.append(fit_words(targets, width))
+    return Group(*parts)
 
 
 def _json_text(doc: Mapping[str, Any]) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,7 @@ from ._report import (
     document,
     evaluate_targets,
     to_markdown,
+    to_rich,
     write,
 )
 from ._results import BackendResult, BenchRun, Timing
@@ -56,8 +57,13 @@ __all__ = [
     "evaluate_targets",
     "run",
     "to_markdown",
+    "to_rich",
     "write",
 ]
+
+
+#: ``progress(what, done, total)``: see `run`.
+Progress = Callable[[str, int, int], None]
 
 
 # -- the public entry point -------------------------------------------------------------------
@@ -83,6 +89,7 @@ def run(
     ort_options: Mapping[str, Any] | None = None,
     torch_threads: int | None = None,
     config_overrides: Mapping[str, Any] | None = None,
+    progress: Progress | None = None,
 ) -> BenchRun:
     """Benchmark ``ref`` on ``backends`` at each batch size in ``batches``.
 
@@ -101,6 +108,10 @@ def run(
         tf32: Allow TF32 on both sides (off by default: fp32 against fp32).
         ort_options: Extra options passed to the ONNX loader (session options, threads).
         torch_threads: ``torch.set_num_threads`` for the run (restored afterwards).
+        progress: Called as ``progress(what, done, total)`` as each stage begins: what runs
+            now (``"exporting to ONNX"``, ``"ort-cpu at batch 1: parity check, warm-up"``,
+            ``"timing 4 series, interleaved"``), how many stages are done, how many there are.
+            Called once more with ``done == total`` at the end.
 
     Raises:
         ConfigError: an unknown backend, a batch or horizon below 1.
@@ -125,10 +136,20 @@ def run(
     if torch_threads:
         torch.set_num_threads(torch_threads)
     tmp: tempfile.TemporaryDirectory[str] | None = None
+    path = Path(ref)
+    is_export = (path / MANIFEST_FILE).is_file()
+    # Stages: the reference model, the export (of a ref), each backend x batch, the timing.
+    stages = [1 + (0 if is_export else 1) + len(backends) * len(batches) + 1, 0]
+
+    def stage(what: str) -> None:
+        if progress is not None:
+            progress(what, stages[1], stages[0])
+        stages[1] += 1
+
     try:
         export_time = None
-        path = Path(ref)
-        if (path / MANIFEST_FILE).is_file():
+        stage("building the torch reference")
+        if is_export:
             source = "export"
             manifest = read_artifact_manifest(path, ConfigError)
             fused_horizon = (manifest.get("graphs", {}).get("rollout") or {}).get("horizon")
@@ -145,6 +166,7 @@ def run(
                 out_dir = Path(export_dir)
             fused_horizon = horizon if any(b.endswith(_FUSED) for b in backends) else None
             graphs = ("encode", "transition", "decode") + (("rollout",) if fused_horizon else ())
+            stage("exporting to ONNX (" + ", ".join(graphs) + ")")
             t0 = time.perf_counter()
             export(model, "onnx", out_dir, graphs=graphs, rollout_horizon=horizon)
             export_time = time.perf_counter() - t0
@@ -199,16 +221,23 @@ def run(
         with use_tf32(tf32), torch.inference_mode():
             for backend in backends:
                 for batch in batches:
+                    stage(f"{backend} at batch {batch}: loading, parity check, warm-up")
                     result, timer = _prepare_backend(ctx, backend, batch)
                     bench.results.append(result)
                     if timer is not None:
                         timers.append(timer)
+            # Each series stops at its repeats or after max_seconds of timed calls.
+            stage(
+                f"timing {2 * len(timers)} series, interleaved "
+                f"(at most about {2 * len(timers) * max_seconds:.0f} s)"
+            )
             try:
                 _time_interleaved(timers, min_repeats=min_repeats, max_seconds=max_seconds)
             except Exception as exc:  # a failure mid-timing voids every timing of this run
                 for t in timers:
                     _fail(t.result, exc)
         bench.settings["loadavg_after"] = _loadavg()
+        stage("done")
         return bench
     finally:
         torch.set_num_threads(old_threads)

@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
 from ._args import check_device, check_output_dir, check_output_file, positive_int
 
 __all__ = ["register"]
@@ -47,60 +46,118 @@ def register(subparsers: Any) -> None:
         "ort-cuda-graph, and ort-*-fused variants that roll out through the fused rollout "
         "graph (a ref is then exported with one of --horizon steps) (default: torch,ort-cpu)",
     )
-    p.add_argument("--batch", type=_ints, default=[1], help="comma-separated batch sizes")
-    p.add_argument("--horizon", type=int, default=16, help="rollout length (default 16)")
-    p.add_argument("--json", dest="json_path", metavar="FILE", help="write the JSON document")
-    p.add_argument("--markdown", metavar="FILE", help="write the markdown tables")
     p.add_argument(
-        "--reference", metavar="CHECKPOINT", help="torch checkpoint to compare an export with"
+        "--batch", type=_ints, default=[1], metavar="B,...", help="comma-separated batch sizes"
     )
-    p.add_argument("--export-dir", metavar="DIR", help="keep the export of a ref here")
+    p.add_argument("--horizon", type=positive_int, default=16, metavar="H", help="rollout length")
+    p.add_argument("--json", dest="json_path", metavar="FILE", help="write the JSON document")
+    p.add_argument(
+        "--markdown", metavar="FILE", help="write the Markdown tables (environment, every target)"
+    )
+    p.add_argument(
+        "--reference",
+        metavar="CHECKPOINT",
+        help="torch checkpoint to compare an export with (default: rebuilt from the export)",
+    )
+    p.add_argument(
+        "--export-dir", metavar="DIR", help="keep the export of a ref here (default: temporary)"
+    )
     p.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="torch backends' device"
     )
-    p.add_argument("--warmup", type=int, default=5, help="untimed calls first (default 5)")
-    p.add_argument("--repeats", type=int, default=50, help="timed transitions (default 50)")
-    p.add_argument("--rollout-repeats", type=int, default=20, help="timed rollouts (default 20)")
-    p.add_argument("--max-seconds", type=float, default=10.0, help="stop repeating after this long")
-    p.add_argument("--threads", type=positive_int, help="torch and ORT intra-op threads")
-    p.add_argument("--tf32", action="store_true", help="allow TF32 on both sides (default off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_bench)
+    p.add_argument(
+        "--warmup", type=positive_int, default=5, metavar="N", help="untimed calls first"
+    )
+    p.add_argument(
+        "--repeats", type=positive_int, default=50, metavar="N", help="timed transitions"
+    )
+    p.add_argument(
+        "--rollout-repeats", type=positive_int, default=20, metavar="N", help="timed rollouts"
+    )
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="stop repeating a series after this many seconds of timed calls",
+    )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        metavar="N",
+        help="torch and ORT intra-op threads (default: torch's)",
+    )
+    p.add_argument("--tf32", action="store_true", help="allow TF32 on both sides (default: off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
+    p.set_defaults(func=_cmd_bench, preflight=_preflight)
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
+def _preflight(args: argparse.Namespace) -> None:
+    """Argument checks that need no model (and no torch)."""
     from .. import bench as _bench
 
     _bench.check_backend_names(args.backends)
     check_output_file(args.json_path, "--json")
     check_output_file(args.markdown, "--markdown")
     check_output_dir(args.export_dir, "--export-dir")
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from .. import bench as _bench
+
     check_device(args.device)
-    if args.horizon < 1:
-        raise ConfigError(f"--horizon must be >= 1, got {args.horizon}")
     ort_options: dict[str, Any] = {}
     if args.threads:
         ort_options["intra_op_num_threads"] = args.threads
-    run = _bench.run(
-        args.ref,
-        backends=args.backends,
-        batches=args.batch,
-        horizon=args.horizon,
-        # --reference names a checkpoint directory: a bare name must not read as a family.
-        reference=Path(args.reference) if args.reference else None,
-        export_dir=args.export_dir,
-        device=args.device,
-        seed=args.seed,
-        warmup=args.warmup,
-        repeats=args.repeats,
-        rollout_repeats=args.rollout_repeats,
-        max_seconds=args.max_seconds,
-        tf32=args.tf32,
-        torch_threads=args.threads,
-        ort_options=ort_options,
+    err = Console(stderr=True, highlight=False)
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(bar_width=12),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
     )
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task(f"bench {args.ref}: loading torch", total=None)
+
+        def on_stage(what: str, done: int, total: int) -> None:
+            progress.update(task, description=what, completed=done, total=total)
+
+        run = _bench.run(
+            args.ref,
+            backends=args.backends,
+            batches=args.batch,
+            horizon=args.horizon,
+            # --reference names a checkpoint directory: a bare name must not read as a family.
+            reference=Path(args.reference) if args.reference else None,
+            export_dir=args.export_dir,
+            device=args.device,
+            seed=args.seed,
+            warmup=args.warmup,
+            repeats=args.repeats,
+            rollout_repeats=args.rollout_repeats,
+            max_seconds=args.max_seconds,
+            tf32=args.tf32,
+            torch_threads=args.threads,
+            ort_options=ort_options,
+            progress=on_stage,
+        )
     doc = _bench.document([run])
     _bench.write(doc, args.json_path, args.markdown)
-    print(_bench.to_markdown(doc))
+    console = Console(highlight=False)
+    console.print(_bench.to_rich(doc, console.width))
+    for path in (args.json_path, args.markdown):
+        if path:
+            err.print(f"wrote {path}")
     bad = [r for r in run.results if r.status in ("refused", "error")]
     return 1 if bad else 0

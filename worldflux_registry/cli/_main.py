@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -187,17 +188,21 @@ def _cmd_info(args: argparse.Namespace) -> int:
     console.print(fit_words(head, console.width))
     table = Table(title="Presets", title_justify="left")
     for column in ("preset", "parameters", "fingerprint", "overrides"):
-        table.add_column(column, overflow="fold")
+        justify = "right" if column == "parameters" else "left"
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    # 8 hex digits resolve (a unique prefix); 12 where the width allows.
+    digits = 12 if console.width >= 100 else 8
     for p in presets:
         count = p["param_count"]
         table.add_row(
             p["name"] + (" (default)" if p["default"] else ""),
             f"{count:,}" if count is not None else "?",
-            _short(p["fingerprint"]),
-            json.dumps(p["overrides"]) if p["overrides"] else "-",
+            _short(p["fingerprint"], digits),
+            escape_markup(" ".join(f"{k}={v}" for k, v in p["overrides"].items()) or "-"),
         )
     console.print(fit_words(table, console.width))
-    console.print(_contract_table(contract, f"Contract of {resolved.family}:{resolved.preset}"))
+    contract_table = _contract_table(contract, f"Contract of {resolved.family}:{resolved.preset}")
+    console.print(fit_words(contract_table, console.width))
     return 0
 
 
@@ -220,7 +225,15 @@ def _info_artifact(args: argparse.Namespace, resolved: dict[str, Any]) -> int:
         if key in manifest:
             head.add_row(key, str(manifest[key]))
     parity = manifest.get("parity")
-    if isinstance(parity, dict):
+    changed = _changed_files(resolved["path"], manifest)
+    if changed:
+        # The stored verdict was about other files: quoting it would vouch for these.
+        head.add_row(
+            "parity",
+            f"[red]stale[/]: {', '.join(changed)} differ from the sha256 the manifest records "
+            "(modified after export); re-export, or run `worldflux-registry parity` on it",
+        )
+    elif isinstance(parity, dict):
         verdict = (
             "passed"
             if parity.get("passed")
@@ -259,26 +272,66 @@ def _info_artifact(args: argparse.Namespace, resolved: dict[str, Any]) -> int:
     return 0
 
 
+def _changed_files(path: str, manifest: dict[str, Any]) -> list[str]:
+    """Files of the export's graphs that are missing or whose sha256 is not the manifest's."""
+    from .._files import ArtifactDir
+    from ..errors import ExportError
+
+    changed = []
+    graphs = manifest.get("graphs")
+    with ArtifactDir(path, ExportError) as adir:
+        for graph, entry in (graphs if isinstance(graphs, dict) else {}).items():
+            items = [entry, *entry.get("external_data", ())] if isinstance(entry, dict) else []
+            for item in items:
+                name, recorded = item.get("file"), item.get("sha256")
+                if not isinstance(name, str) or not isinstance(recorded, str):
+                    continue
+                try:
+                    digest = "sha256:" + adir.sha256(name, what=f"graph {graph!r} file")
+                except WorldFluxRegistryError:
+                    digest = None  # missing, or not a regular file
+                if digest != recorded:
+                    changed.append(name)
+    return changed
+
+
 def _contract_table(contract: IOContract, title: str) -> Any:
     from rich.table import Table
 
     from ..contract._io import iter_specs
 
     table = Table(title=title, title_justify="left")
-    for column in ("group", "name", "dtype", "shape", "kind", "notes"):
-        table.add_column(column, overflow="fold")
+    for column in ("group", "name", "type", "notes"):
+        table.add_column(column)
+    previous = None
     for group, spec in iter_specs(contract):
-        notes = []
+        # The kind only where it is not the plain continuous one, to keep four columns.
+        notes = [] if spec.kind == "continuous" else [spec.kind]
         if spec.classes is not None:
-            notes.append(f"classes={spec.classes}")
-        if spec.low is not None or spec.high is not None:
-            notes.append(f"range=[{spec.low}, {spec.high}]")
+            notes.append(f"{spec.classes} classes")
+        if spec.low is not None and spec.high is not None:
+            notes.append(f"in [{_num(spec.low)},{_num(spec.high)}]")
+        elif spec.low is not None or spec.high is not None:
+            notes.append(
+                f">= {_num(spec.low)}" if spec.low is not None else f"<= {_num(spec.high)}"
+            )
         if group == "noise":
             noise = next(n for n in contract.noise if n.name == spec.name)
-            notes.append(f"{noise.distribution}, feeds {', '.join(noise.graphs)}")
-        shape = "(" + ", ".join(str(d) for d in spec.shape) + ")"
-        table.add_row(group, spec.name, spec.dtype, shape, spec.kind, "; ".join(notes))
+            notes.append(f"{noise.distribution} noise of {', '.join(noise.graphs)}")
+        # No spaces in a shape: it wraps as a whole, never between its dimensions.
+        shape = "(" + ",".join(str(d) for d in spec.shape) + ")"
+        table.add_row(
+            "" if group == previous else group,
+            spec.name,
+            f"{spec.dtype} {shape}",
+            escape_markup(", ".join(notes) or "-"),
+        )
+        previous = group
     return table
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:g}"
 
 
 # -- resolve ---------------------------------------------------------------------------------
@@ -384,8 +437,46 @@ def escape_markup(text: str) -> str:
 
 
 # -- parser ----------------------------------------------------------------------------------
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Wraps prose to the terminal, keeps indented blocks (examples) as written, and shows
+    each option's default."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        blocks = []
+        for block in text.split("\n\n"):
+            if "\n " in block or block.endswith(":") or block.split("\n")[0].endswith(":"):
+                blocks.append(textwrap.indent(block, indent))  # a list or examples: as written
+            else:
+                blocks.append(
+                    textwrap.fill(
+                        " ".join(block.split()),
+                        width,
+                        initial_indent=indent,
+                        subsequent_indent=indent,
+                    )
+                )
+        return "\n\n".join(blocks)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            not action.option_strings
+            or "default" in text
+            or action.default in (None, False, [], argparse.SUPPRESS)
+        ):
+            return text
+        default = action.default
+        if isinstance(default, (list, tuple)):
+            default = ",".join(map(str, default))
+        return f"{text} (default: {str(default).replace('%', '%%')})"
+
+
 class _Parser(argparse.ArgumentParser):
     """ArgumentParser whose usage errors raise instead of exiting, so main() returns 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> Any:
         self.print_usage(sys.stderr)
@@ -420,6 +511,58 @@ def _versions() -> str:
         {f"{r.distribution} {r.version}" for r in _registry().plugins() if r.distribution}
     )
     return core + (f" (plugins: {', '.join(plugins)})" if plugins else "")
+
+
+#: ``--help`` examples of each subcommand (shown under its options), by command name.
+_EXAMPLES: Final = {
+    "list": (
+        "worldflux-registry list",
+        "worldflux-registry list 'dreamer*'",
+        "worldflux-registry list --capability image_obs --json",
+    ),
+    "info": (
+        "worldflux-registry info dreamerv3",
+        "worldflux-registry info tdmpc2:ci --json",
+        "worldflux-registry info ./my-export     # an export: graphs and last parity verdict",
+    ),
+    "resolve": (
+        "worldflux-registry resolve dreamerv3:ci",
+        "worldflux-registry resolve sha256:79e9452d --json",
+    ),
+    "plugins": (
+        "worldflux-registry plugins",
+        "worldflux-registry plugins --strict     # CI of a plugin package",
+    ),
+    "export": (
+        "worldflux-registry export dreamerv3:ci --out d",
+        "worldflux-registry export tdmpc2:ci --out t --graphs all,rollout --rollout-horizon 8",
+        "worldflux-registry export ./checkpoint --out d --precision fp16",
+    ),
+    "parity": (
+        "worldflux-registry parity d",
+        "worldflux-registry parity d --reference ./checkpoint --json p.json --plot p.png",
+        "worldflux-registry parity d --batch 1,32 --horizon 8 --mode step",
+    ),
+    "bench": (
+        "worldflux-registry bench dreamerv3:ci",
+        "worldflux-registry bench d --backends torch,ort-cpu,ort-cpu-fused --batch 1,64",
+        "worldflux-registry bench tdmpc2:ci --json b.json --markdown b.md",
+    ),
+    "import": (
+        "worldflux-registry import tdmpc2 final.pt --out walker --config episode_length=500",
+        "worldflux-registry import dreamerv3 logdir/ckpt --out dr --config action_kind=discrete",
+    ),
+    "shm": ("worldflux-registry shm list", "worldflux-registry shm clean --json"),
+    "serve": ("worldflux-registry serve t --replicas 2 --max-batch-size 32 --port 8000",),
+    "triton": ("worldflux-registry triton t --out triton-repo",),
+}
+
+
+def _add_examples(sub: Any) -> None:
+    """Put each subcommand's examples under its ``--help`` (one given by its module stays)."""
+    for name, parser in sub.choices.items():
+        if name in _EXAMPLES and not parser.epilog:
+            parser.epilog = "examples:\n" + "\n".join(f"  {e}" for e in _EXAMPLES[name])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -467,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # that extension is not part of this install
             raise
         module.register(sub)
+    _add_examples(sub)
     return parser
 
 
@@ -479,6 +623,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SystemExit as exc:  # --help and --version exit 0
         return int(exc.code or 0)
+    try:
+        # Checks of the arguments alone (names, output paths) run before any model or torch
+        # is loaded: what they refuse is a usage error.
+        preflight = getattr(args, "preflight", None)
+        if preflight is not None:
+            preflight(args)
+    except WorldFluxRegistryError as exc:
+        _error(str(exc))
+        return 2
     try:
         return int(args.func(args))
     except WorldFluxRegistryError as exc:

@@ -72,38 +72,53 @@ def register(subparsers: Any) -> None:
         "registry ref. Default: the manifest's family and config with the weights read back "
         "from the export's initializers (then corrupted weights cannot be caught)",
     )
-    p.add_argument("--horizon", type=_positive, default=16, help="rollout length (default 16)")
+    p.add_argument(
+        "--horizon", type=_positive, default=16, metavar="H", help="rollout length in steps"
+    )
     p.add_argument(
         "--batch",
         type=_positive_ints,
         nargs="+",
         metavar="B",
-        help="batch sizes, e.g. --batch 1 7 or --batch 1,7 (default 1 7)",
+        help="batch sizes, e.g. --batch 1 7 or --batch 1,7 (default: 1 7)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
     p.add_argument(
         "--mode",
         action="append",
         choices=_MODES,
-        help="run only these modes (repeatable; default all)",
+        help="run only these modes (repeatable; default: all three)",
     )
     p.add_argument(
         "--tolerance",
         type=_tolerance,
         action="append",
         metavar="KEY=RTOL,ATOL",
-        help="override a tolerance: KEY is graph/output, output or graph (repeatable)",
+        help="override a tolerance: KEY is graph/output, output or graph (repeatable; "
+        "default: per dtype and precision)",
     )
-    p.add_argument("--precision", help="precision the default tolerances follow (fp32, fp16)")
-    p.add_argument("--strict-tf32", action="store_true", help="turn torch TF32 off during it")
+    p.add_argument(
+        "--precision",
+        help="precision the default tolerances follow: fp32, fp16, bf16 (default: the "
+        "looser of the two sides')",
+    )
+    p.add_argument(
+        "--strict-tf32", action="store_true", help="turn torch TF32 off during the check"
+    )
     p.add_argument(
         "--providers",
         help="ONNX Runtime providers for the export, comma-separated (default: auto)",
     )
     p.add_argument("--device", type=device, help="device of the torch reference (default: cpu)")
     p.add_argument("--json", dest="json_path", metavar="FILE", help="write the JSON report")
-    p.add_argument("--plot", metavar="FILE.png", help="write a PNG of error per rollout step")
-    p.set_defaults(func=_cmd_parity)
+    p.add_argument("--plot", metavar="FILE.png", help="write a PNG of the error per rollout step")
+    p.set_defaults(func=_cmd_parity, preflight=_preflight)
+
+
+def _preflight(args: argparse.Namespace) -> None:
+    """Output paths, checked before the models (and torch) load."""
+    check_output_file(args.json_path, "--json")
+    check_output_file(args.plot, "--plot")
 
 
 def _usage(console: Console, message: str) -> int:
@@ -120,9 +135,13 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     out = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
     export_dir = Path(args.export_dir)
+    if not (export_dir / "manifest.json").is_file():
+        return _usage(
+            err,
+            f"{export_dir} is not an export directory (no manifest.json) (write one with "
+            f"`worldflux-registry export REF --out {export_dir}`)",
+        )
     try:
-        check_output_file(args.json_path, "--json")
-        check_output_file(args.plot, "--plot")
         manifest = read_artifact_manifest(export_dir)
     except WorldFluxRegistryError as exc:
         return _usage(err, str(exc))
@@ -150,16 +169,15 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     except WorldFluxRegistryError as exc:
         return _usage(err, str(exc))
     if note:
-        report.notes.insert(0, note)
-        from rich.markup import escape
-
-        err.print(f"[yellow]note:[/yellow] {escape(note)}")
+        report.notes.insert(0, note)  # printed under the table with the check's own notes
     report.print(out)
     try:
         if args.json_path:
             report.to_json(args.json_path)
+            err.print(f"wrote the JSON report to {args.json_path}")
         if args.plot:
             report.plot(args.plot)
+            err.print(f"wrote the plot to {args.plot}")
     except (ImportError, OSError) as exc:
         return _usage(err, str(exc))
     return 0 if report.passed else 1

@@ -20,7 +20,11 @@ def register(subparsers: Any) -> None:
         "whose header proves they are State segments; other files are never touched), "
         "'clean' unlinks those whose creator pid is no longer running.",
     )
-    p.add_argument("action", choices=("list", "clean"))
+    p.add_argument(
+        "action",
+        choices=("list", "clean"),
+        help="list: every State segment; clean: unlink those whose creator died",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_shm)
 

@@ -115,7 +115,7 @@ def plot_report(report: _Plottable, path: Path, *, metric: str = "max_abs") -> P
         ax.set_xlim(0.5, horizon + 0.5)
         if ax.lines:
             ax.set_yscale("log")
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="best", framealpha=0.8)
         else:
             ax.set_yticks([])
         ax.set_title(key, fontsize=9)

@@ -238,6 +238,10 @@ class Localization:
 _MODE_LABELS: Final = {"step": "step", "teacher_forced": "teacher", "free_running": "free"}
 
 
+#: Below this cosine a passing output is one whose reference is about zero (see `table`).
+_COSINE_FLOOR: Final = 0.9
+
+
 def _fmt(value: float | None) -> str:
     if value is None:
         return "-"
@@ -476,7 +480,10 @@ class ParityReport:
             title_justify="left",
             box=box.SIMPLE_HEAD,
             pad_edge=False,
-            collapse_padding=True,
+            # One space between columns: with the argmax column and a "FAIL @12" verdict the
+            # widest table still fits 80 columns (rich would drop a last column that does not).
+            padding=(0, 0),
+            show_edge=False,
         )
         rows = self.rows()
         # Columns that would only hold zeros or dashes are left out, so the table fits 80 columns.
@@ -489,19 +496,25 @@ class ParityReport:
         for name in names:
             table.add_column(name, justify="right", no_wrap=True)
         table.add_column("", justify="left", no_wrap=True)
+        near_zero = False
         for row in rows:
             tol = row["tolerance"]
             cosine = row["cosine"]
+            max_rel = row["max_rel"]
             agreement = row["argmax_agreement"]
             first = row["first_failing_step"]
-            # A reference of zeros has no direction: its cosine says nothing.
-            no_direction = cosine is not None and cosine == 0.0 and row["passed"]
+            # A passing output can only show an error as large as the value itself (max rel
+            # >= 1), or a direction unlike the reference's, where the reference is about zero
+            # and atol decides: there relative error and cosine say nothing.
+            vague_rel = row["passed"] and max_rel is not None and max_rel >= 1.0
+            vague_cos = row["passed"] and cosine is not None and cosine < _COSINE_FLOOR
+            near_zero = near_zero or vague_rel or vague_cos
             cells = [
                 _MODE_LABELS.get(row["mode"], row["mode"]),
                 row["key"],
                 _fmt(row["max_abs"]),
-                _fmt(row["max_rel"]),
-                "-" if cosine is None or no_direction else f"{cosine:.3f}",
+                "-*" if vague_rel else _fmt(max_rel),
+                "-*" if vague_cos else "-" if cosine is None else f"{cosine:.3f}",
             ]
             if show_nan:
                 cells.append(f"{row['nan']}/{row['inf']}" if row["nan"] or row["inf"] else "0")
@@ -518,8 +531,16 @@ class ParityReport:
         if self.localization is not None:
             lines.append(self.localization.describe())
         lines.extend(self.errors)
+        if near_zero:
+            lines.append(
+                "-* the reference is about 0 there: the error is within atol, and relative "
+                "error and cosine say nothing"
+            )
+        lines.extend(f"note: {note}" for note in self.notes)
         if lines:
-            table.caption = "\n".join(lines)
+            from rich.markup import escape
+
+            table.caption = "\n".join(escape(line) for line in lines)
             table.caption_justify = "left"
         return table
 

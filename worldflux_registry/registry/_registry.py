@@ -208,7 +208,7 @@ class Registry:
             raise index.broken[name]
         known = [*index.families, *index.aliases]
         raise ResolutionError(
-            f"no model family named {name!r}.{did_you_mean(name, known)}",
+            f"no model family named {name!r}.{did_you_mean(name, known, index.aliases)}",
             hint="installed families: "
             + (", ".join(self.list()) or "none")
             + "; see `worldflux-registry plugins` for plugins that failed to load",

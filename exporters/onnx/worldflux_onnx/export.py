@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import os
 import re
@@ -104,7 +105,10 @@ def export_model(
             float32, normalisation layers float32) or ``"int8"`` (ONNX Runtime's dynamic int8
             quantization of every MatMul/Gemm with a constant weight, one scale per weight;
             inputs, outputs and every other operator float32).
-        progress: Called as ``progress(graph, "start" | "done")``.
+        progress: Called as ``progress(graph, stage)``: stage ``"queued"`` for every graph
+            first (so a caller knows the total), then per graph ``"start"``, each step as it
+            begins (``"tracing"``, ``"converting"``, ``"quantizing"``, ``"checking"``) and
+            ``"done"``.
         example_batch: Batch of the tracing inputs (>= 2; the batch axis stays symbolic).
         mode_graphs: Also export ``<graph>.mode`` for each selected ``encode``, ``transition``,
             ``update`` or ``rollout`` graph that takes noise: the step run with
@@ -152,6 +156,9 @@ def export_model(
             if mode_graphs and graph in MODE_GRAPHS and sigs[-1].noise:
                 sigs.append(signature(contract, graph + MODE_SUFFIX, horizon=horizon))
         for sig in sigs:
+            if progress is not None:
+                progress(sig.graph, "queued")
+        for sig in sigs:
             graph = sig.graph
             if progress is not None:
                 progress(graph, "start")
@@ -166,6 +173,7 @@ def export_model(
                 half=precision == "fp16",
                 int8=precision == "int8",
                 keep_fp32=tuple(getattr(model, "keep_in_fp32", ())),
+                step=None if progress is None else functools.partial(progress, graph),
             )
             if sig.deterministic:
                 entries[graph]["mode_of"] = sig.base
@@ -237,13 +245,17 @@ def _export_graph(
     half: bool,
     int8: bool = False,
     keep_fp32: tuple[str, ...] = (),
+    step: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     import onnx
+
+    step = step or (lambda name: None)
 
     wrapper = GraphModule(model, sig, half=half).eval()
     args = example_inputs(sig, contract, batch)
     path = tmp / f"{sig.graph}.onnx"
     start = time.perf_counter()
+    step("tracing")
     try:
         exported = _trace(wrapper, args, sig)
     except ExportError:
@@ -251,6 +263,7 @@ def _export_graph(
     except Exception as exc:
         raise _trace_failure(wrapper, args, sig, exc) from exc
     check_traced_outputs(exported, args, sig)
+    step("converting")
     try:
         program = _torch_export(exported, sig, opset)
     except Exception as exc:
@@ -277,7 +290,9 @@ def _export_graph(
         program.model.metadata_props[key] = value
     program.save(path)
     if int8:
+        step("quantizing")
         _quantize_int8(path, sig, keep_fp32)
+    step("checking")
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
