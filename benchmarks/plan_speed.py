@@ -11,7 +11,9 @@ given (drawn once, outside the timing; drawing it is timed on its own). Environm
 and 32.
 
 The ONNX export (``encode`` + ``plan``) must first pass ``parity.check`` against the torch model
-at both batch sizes; a failing parity refuses the ONNX speed. Backends run interleaved, round
+at both batch sizes; a failing parity refuses the ONNX speed. Parity compares the elites per
+iteration and accepts a near-tie (other elites whose values agree within tolerance, rank by
+rank), reported in the results. Backends run interleaved, round
 after round, each with one intra-op thread (torch.set_num_threads(1), ORT
 ``intra_op_num_threads=1``); the speed is the median over rounds of each round's median.
 
@@ -215,7 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         "export_seconds": round(export_s, 1),
         "compile_seconds": {str(b): round(s, 1) for b, s in compile_s.items()},
         "noise_draw_ms": {str(b): round(v, 3) for b, v in noise_ms.items()},
-        "parity": {"passed": report.passed, "plan_max_abs": worst},
+        "parity": {
+            "passed": report.passed,
+            "plan_max_abs": worst,
+            # Elites per iteration: near-ties are accepted, scores that disagree are not.
+            "selections": [c.to_dict() for c in report.selections],
+        },
         "rounds": args.rounds,
         "calls_per_round": args.calls,
         "results": results,
@@ -226,6 +233,17 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".md").write_text(_markdown(doc))
     print(_markdown(doc))
     return 0 if report.passed else 1
+
+
+def _selection(check: dict[str, Any]) -> str:
+    """``batch 1: 1/1 agree`` plus its near-ties and first failing iteration."""
+    text = f"batch {check['batch']}: {check['agreed']}/{check['batch']} agree"
+    ties = [f"row {t['row']} near-tie at iteration {t['iteration']}" for t in check["near_ties"]]
+    if ties:
+        text += " (" + ", ".join(ties) + ")"
+    if check["first_failing_iteration"] is not None:
+        text += f", FAIL from iteration {check['first_failing_iteration']}"
+    return text
 
 
 def _markdown(doc: dict[str, Any]) -> str:
@@ -244,7 +262,8 @@ def _markdown(doc: dict[str, Any]) -> str:
         f"- Export (encode + plan) {doc['export_seconds']} s; torch.compile first call "
         f"{doc['compile_seconds']} s; drawing the noise {doc['noise_draw_ms']} ms",
         f"- Parity of the ONNX plan graph: {'pass' if doc['parity']['passed'] else 'FAIL'}, "
-        f"max abs {doc['parity']['plan_max_abs']}",
+        f"max abs {doc['parity']['plan_max_abs']}; elites: "
+        + "; ".join(_selection(c) for c in doc["parity"].get("selections", [])),
         f"- Median over {doc['rounds']} interleaved rounds (eager, compile, ORT, repeat) of the "
         f"median of {doc['calls_per_round']} calls per round at batch 1 (/ sqrt(batch) above)",
         "",

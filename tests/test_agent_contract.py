@@ -55,6 +55,8 @@ def test_optional_fields_leave_old_fingerprints_unchanged():
         ({"action": "missing"}, "not one of its outputs"),
         ({"explore": ("nope",)}, "explore noise"),
         ({"carry": (MEAN, MEAN)}, "declared twice"),
+        ({"selection": ("plan_action",)}, "agent selection"),
+        ({"selection": ("plan_action", "nope")}, "agent selection"),
     ],
 )
 def test_bad_agent_specs_are_named(agent, match):
@@ -99,6 +101,7 @@ def test_tdmpc2_declares_its_plan_step_and_noise():
     assert c.agent is not None and c.agent.graph == "plan"
     assert [s.name for s in c.agent.carry] == ["plan_mean"]
     assert c.agent.action == "plan_action" and c.agent.explore == ("plan_action_eps",)
+    assert c.agent.selection == ("plan_elites", "plan_elite_values")
     names = [n.name for n in c.noise_for("plan")]
     assert names == [
         "plan_pi_eps",
@@ -109,3 +112,21 @@ def test_tdmpc2_declares_its_plan_step_and_noise():
         "plan_action_eps",
     ]
     assert not c.noise_for("encode") and not c.noise_for("transition")
+
+
+@pytest.mark.parametrize("kind", ["continuous", "discrete"])
+def test_dreamerv3_declares_its_act_step_and_noise(kind):
+    family = registry.get("dreamerv3")
+    c = family.contract_for({**family.config("ci"), "action_kind": kind}).validate()
+    assert c.agent is not None and c.agent.graph == "act" and c.agent.action == "action"
+    assert [s.name for s in c.agent.carry] == ["deter", "stoch", "prev_action"]
+    assert c.agent.explore == ("posterior", "act_action") and not c.agent.selection
+    noise = {n.name: n for n in c.noise_for("act")}
+    assert list(noise) == ["posterior", "act_action"]
+    assert noise["act_action"].distribution == ("uniform" if kind == "discrete" else "normal")
+    action = c.agent.action_spec
+    assert (action.dtype, len(action.shape)) == (
+        ("int32", 1) if kind == "discrete" else ("float32", 2)
+    )
+    # The posterior noise is shared with encode and update, as before.
+    assert [n.name for n in c.noise_for("update")] == ["posterior"]

@@ -404,8 +404,12 @@ def test_save_pretrained_and_registry_load_round_trip(case, tmp_path):
     state = State({"deter": _t(ref, "in_deter"), "stoch": _t(ref, "in_stoch")})
     noise, post = _noise(model, 3)
     with torch.no_grad():
-        a = model.act(state, _obs(model, ref), _t(ref, "in_prevact"), noise, posterior_noise=post)
-        b = loaded.act(state, _obs(model, ref), _t(ref, "in_prevact"), noise, posterior_noise=post)
+        a = model.policy_step(
+            state, _obs(model, ref), _t(ref, "in_prevact"), noise, posterior_noise=post
+        )
+        b = loaded.policy_step(
+            state, _obs(model, ref), _t(ref, "in_prevact"), noise, posterior_noise=post
+        )
     assert torch.equal(a[1], b[1]) and torch.equal(a[0]["stoch"], b[0]["stoch"])
 
 
@@ -417,10 +421,10 @@ def test_actor_with_given_noise_is_deterministic_and_follows_the_official_policy
     reset = _t(ref, "in_reset")
     noise, post = _noise(model, 0)
     with torch.no_grad():
-        s1, a1 = model.act(state, obs, prev, noise, is_first=reset, posterior_noise=post)
+        s1, a1 = model.policy_step(state, obs, prev, noise, is_first=reset, posterior_noise=post)
         torch.manual_seed(123)  # the global generator must not matter
-        s2, a2 = model.act(state, obs, prev, noise, is_first=reset, posterior_noise=post)
-        other = model.act(
+        s2, a2 = model.policy_step(state, obs, prev, noise, is_first=reset, posterior_noise=post)
+        other = model.policy_step(
             state, obs, prev, _noise(model, 1)[0], is_first=reset, posterior_noise=post
         )
         dist = model.policy(model.features(s1["deter"], s1["stoch"]))

@@ -68,6 +68,8 @@ def test_cli_export_writes_a_plan_graph_that_passes_parity(exported):
         "new_carry.plan_mean",
         "out.plan_action",
         "out.plan_std",
+        "out.plan_elites",
+        "out.plan_elite_values",
     ]
     assert all(p["shape"][0] == "batch" for p in plan["inputs"] + plan["outputs"])
     report = parity.check(model, onnx_model, batch_sizes=(1, 3), modes=("step",))
@@ -75,9 +77,18 @@ def test_cli_export_writes_a_plan_graph_that_passes_parity(exported):
     checked = {(c.output, c.batch) for c in report.checks() if c.graph == "plan"}
     assert checked == {
         (name, b)
-        for name in ("new_carry.plan_mean", "out.plan_action", "out.plan_std")
+        for name in (
+            "new_carry.plan_mean",
+            "out.plan_action",
+            "out.plan_std",
+            "out.plan_elites",
+            "out.plan_elite_values",
+        )
         for b in (1, 3)
     }
+    # Elites compared per iteration: here every environment picks the same ones throughout.
+    selections = [(c.batch, c.agreed, c.passed) for c in report.selections]
+    assert selections == [(1, 1, True), (3, 3, True)]
 
 
 def _noise(model, batch, seed):
@@ -183,3 +194,7 @@ def test_a_tampered_plan_graph_fails_parity_at_the_plan_graph(exported, tmp_path
     failing = report.failing_outputs()
     assert failing and all(f.startswith("plan/") for f in failing), failing
     assert report.localization is not None and report.localization.graph == "plan"
+    # The halved weights move the elites' values: no near-tie excuses it, from iteration 1.
+    assert report.selections and all(not c.passed for c in report.selections)
+    assert {c.first_failing_iteration for c in report.selections} == {1}
+    assert not any(c.near_ties for c in report.selections)

@@ -307,15 +307,22 @@ class AgentSpec:
     """The agent step of a contract: one call per environment step, exported as one graph.
 
     ``graph`` is ``"plan"`` (the model's `WorldModel.plan_step` on an encoded state, e.g. an
-    MPPI planner) or ``"act"``. The step reads the contract's ``state`` tensors, the ``carry``
-    tensors (fed back from the previous step's outputs of the same name; absent or zeros = the
-    first step of an episode), the side conditions and the noise declared for ``graph``; it
-    returns the ``carry`` tensors for the next step and ``outputs``, one of which, ``action``,
-    is the action to take. Exported graphs take ``carry.<name>`` and give
-    ``new_carry.<name>`` and ``out.<name>``.
+    MPPI planner: it reads the contract's ``state`` tensors) or ``"act"`` (the model's
+    `WorldModel.act_step` on an observation, e.g. a posterior update and an actor: it reads the
+    contract's ``observations``). Either also reads the ``carry`` tensors (fed back from the
+    previous step's outputs of the same name; absent or zeros = the first step of an episode),
+    the side conditions and the noise declared for ``graph``; it returns the ``carry`` tensors
+    for the next step and ``outputs``, one of which, ``action``, is the action to take.
+    Exported graphs take ``state.<key>`` (plan) or ``obs.<name>`` (act) and ``carry.<name>``
+    and give ``new_carry.<name>`` and ``out.<name>``.
 
     ``explore`` names the noise inputs only the stochastic step reads (exploration noise) whose
     zeros give exactly the ``deterministic=True`` step, so one exported graph serves both.
+
+    ``selection`` names two outputs, ``(indices, scores)``, each ``[batch, iterations, k]``,
+    of a step that selects by score (MPPI elites): per iteration, the ``k`` candidates it
+    selected, best first, and their scores. Parity uses them to tell a near-tie that float
+    rounding decides from a wrong graph: see ``parity.check``.
     """
 
     graph: str
@@ -323,9 +330,10 @@ class AgentSpec:
     outputs: tuple[TensorSpec, ...]
     carry: tuple[TensorSpec, ...] = ()
     explore: tuple[str, ...] = ()
+    selection: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("outputs", "carry", "explore"):
+        for name in ("outputs", "carry", "explore", "selection"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @property
@@ -348,6 +356,15 @@ class AgentSpec:
                 f"agent action {self.action!r} is not one of its outputs "
                 f"{[s.name for s in self.outputs]}"
             )
+        if self.selection:
+            by_name = {s.name: s for s in self.outputs}
+            pair = [by_name.get(n) for n in self.selection]
+            if len(pair) != 2 or None in pair or any(len(s.shape) != 3 for s in pair if s):
+                raise ContractError(
+                    f"agent selection {self.selection} must name two outputs (indices, scores) "
+                    "laid out [batch, iterations, k]",
+                    hint=f"outputs: {[s.name for s in self.outputs]}",
+                )
         mine = {n.name for n in noise if self.graph in n.graphs}
         unknown = [n for n in self.explore if n not in mine]
         if unknown:
@@ -526,6 +543,7 @@ def _agent_spec(d: Mapping[str, Any]) -> AgentSpec:
         outputs=tuple(_tensor_spec(x) for x in d["outputs"]),
         carry=tuple(_tensor_spec(x) for x in d.get("carry", ())),
         explore=tuple(d.get("explore", ())),
+        selection=tuple(d.get("selection", ())),
     )
 
 

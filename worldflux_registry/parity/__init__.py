@@ -22,6 +22,7 @@ from ._report import (
     OutputCheck,
     ParityReport,
     RolloutCurve,
+    SelectionCheck,
 )
 from ._tolerance import DEFAULT_TOLERANCES, EXACT, Tolerance, normalize_precision
 
@@ -37,6 +38,7 @@ __all__ = [
     "ParityReport",
     "REL_EPS",
     "RolloutCurve",
+    "SelectionCheck",
     "Tolerance",
     "VERSION",
     "check",

@@ -29,7 +29,7 @@ from ..protocol._payloads import ConditionPayload, ModelOutput
 from ..state._state import State
 from ._localize import _Site, localize
 from ._metrics import Metrics, compare_arrays
-from ._report import MODES, OutputCheck, ParityReport, RolloutCurve
+from ._report import MODES, OutputCheck, ParityReport, RolloutCurve, SelectionCheck
 from ._tolerance import (
     Tolerance,
     TolerancesLike,
@@ -70,6 +70,7 @@ class _Run:
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     sites: dict[tuple[str, str, int, int | None], _Site] = field(default_factory=dict)
+    selections: list[SelectionCheck] = field(default_factory=list)
 
     def graph_outputs(self, graph: str) -> list[_Output]:
         return [o for (g, _), o in self.outputs.items() if g == graph]
@@ -213,6 +214,7 @@ def check(
         rollouts=run.rollouts,
         errors=run.errors,
         notes=run.notes,
+        selections=run.selections,
         versions=_versions(),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
@@ -599,7 +601,7 @@ def _step_mode(run: _Run, graphs: Sequence[str], batch: int, seed: int) -> None:
 
     s0_cpu = s0.to("cpu")
     if agent is not None and agent.graph in graphs:
-        _agent_step(run, agent.graph, s0_cpu, carry, plan_noise, conds, record)
+        _agent_step(run, agent.graph, s0_cpu, obs, carry, plan_noise, conds, record)
 
     cond = conditions_payload(tr_noise, conds)
     s1 = _call_reference("transition", lambda: ref.transition(s0, _to(action, rd), _to(cond, rd)))
@@ -650,15 +652,15 @@ def _agent_step(
     run: _Run,
     graph: str,
     state: State,
+    obs: Mapping[str, Tensor],
     carry: Mapping[str, Tensor],
     noise: Mapping[str, Tensor],
     conds: Mapping[str, Tensor],
     record: Callable[[str, Arrays, Arrays, Arrays | str], None],
 ) -> None:
-    """The agent step (``plan_step``) on the reference's encoded state plus ``carry``, with
-    every noise input given (``deterministic=False``)."""
+    """The agent step with every noise input given (``deterministic=False``): ``plan_step`` on
+    the reference's encoded state plus ``carry``, or ``act`` on the observation and ``carry``."""
     ref, cand, rd, cd = run.reference, run.candidate, run.ref_device, run.cand_device
-    full = State({**state.tensors, **carry})
     cond = conditions_payload(noise, conds)
     names = _graph_specs(run.contract, graph)
 
@@ -666,15 +668,70 @@ def _agent_step(
         tensors = out.tensors
         return {name: _numpy(tensors[name.split(".", 1)[1]]) for name, _ in names}
 
-    ref_out = _call_reference(
-        graph, lambda: arrays(ref.plan_step(_to(full, rd), None, _to(cond, rd)))
-    )
-    got = _call_candidate(
-        run, graph, lambda: arrays(cand.plan_step(_to(full, cd), None, _to(cond, cd)))
-    )
-    feeds = _feeds(state=state, noise=noise, conds=conds)
+    if graph == "act":
+
+        def call(model: Any, device: torch.device) -> Arrays:
+            given = _to(State(dict(carry)), device)
+            out = model.act_step(_to(dict(obs), device), given, _to(cond, device))
+            return arrays(out)
+
+        feeds = _feeds(obs=obs, noise=noise, conds=conds)
+    else:
+        full = State({**state.tensors, **carry})
+
+        def call(model: Any, device: torch.device) -> Arrays:
+            return arrays(model.plan_step(_to(full, device), None, _to(cond, device)))
+
+        feeds = _feeds(state=state, noise=noise, conds=conds)
+    ref_out = _call_reference(graph, lambda: call(ref, rd))
+    got = _call_candidate(run, graph, lambda: call(cand, cd))
+    agent = run.contract.agent
+    if agent is not None and agent.selection and isinstance(got, dict):
+        got = _judge_selection(run, graph, agent.selection, ref_out, got)
     feeds.update({f"carry.{k}": _numpy(v) for k, v in carry.items()})
     record(graph, feeds, ref_out, got)
+
+
+def _judge_selection(
+    run: _Run, graph: str, selection: Sequence[str], ref: Arrays, cand: Arrays
+) -> Arrays:
+    """Compare the agent step's selections per row and iteration (`SelectionCheck`); return
+    ``cand`` with each near-tied row replaced by the reference's (those rows are not compared).
+
+    The scores are judged with their output's tolerance, rank by rank: a near-tie swaps
+    candidates whose scores agree, a wrong graph moves the scores themselves.
+    """
+    idx_key, score_key = (f"out.{name}" for name in selection)
+    tol = run.outputs[(graph, score_key)].tolerance
+    ref_idx, cand_idx = ref[idx_key], cand[idx_key]
+    ref_s, cand_s = ref[score_key], cand[score_key]
+    rows, iterations = int(ref_idx.shape[0]), int(ref_idx.shape[1])
+    check = SelectionCheck(graph, rows, iterations, agreed=0)
+    patched = {k: v.copy() for k, v in cand.items()}
+    if cand_idx.shape != ref_idx.shape or cand_s.shape != ref_s.shape:
+        check.failures = [{"row": r, "iteration": 1} for r in range(rows)]
+        run.selections.append(check)
+        return cand
+    for row in range(rows):
+        for i in range(iterations):
+            a, b = ref_s[row, i].astype(np.float64), cand_s[row, i].astype(np.float64)
+            close = bool(np.all(np.abs(b - a) <= tol.atol + tol.rtol * np.abs(a)))
+            same = bool(np.array_equal(ref_idx[row, i], cand_idx[row, i]))
+            if not close:
+                check.failures.append({"row": row, "iteration": i + 1})
+                break
+            if not same:
+                swapped = ref_idx[row, i] != cand_idx[row, i]
+                diff = float(np.max(np.abs(b - a)[swapped]))
+                check.near_ties.append({"row": row, "iteration": i + 1, "score_diff": diff})
+                for key, value in patched.items():
+                    if key in ref and value.shape == ref[key].shape and value.ndim:
+                        value[row] = ref[key][row]
+                break
+        else:
+            check.agreed += 1
+    run.selections.append(check)
+    return patched
 
 
 def _rollout_modes(run: _Run, modes: Collection[str], batch: int, seed: int, horizon: int) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "OutputCheck",
     "ParityReport",
     "RolloutCurve",
+    "SelectionCheck",
 ]
 
 #: ``"format"`` of the JSON report.
@@ -87,6 +88,73 @@ class OutputCheck:
                 "metrics": Metrics.from_dict(data["metrics"]),
             }
         )
+
+
+@dataclass
+class SelectionCheck:
+    """An agent step's selections (`AgentSpec.selection`, e.g. MPPI elites) compared per
+    iteration, at one batch size.
+
+    Per environment (row), iterations are compared in order: the same indices with scores
+    within the scores' tolerance agree; other indices with scores that still agree rank by rank
+    are a **near-tie** that float rounding decided (that row's outputs are not compared: from
+    there on the two sides follow different, equally valid candidates); scores that disagree
+    fail the row at that iteration.
+    """
+
+    graph: str
+    batch: int
+    iterations: int
+    #: Rows whose selections agree at every iteration.
+    agreed: int
+    #: ``{"row", "iteration", "score_diff"}`` of each near-tied row (iterations from 1).
+    near_ties: list[dict[str, Any]] = field(default_factory=list)
+    #: ``{"row", "iteration"}``: where each failing row first breaks.
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """True when no row fails (near-ties are accepted)."""
+        return not self.failures
+
+    @property
+    def first_failing_iteration(self) -> int | None:
+        """The earliest iteration (from 1) at which a row's selection breaks."""
+        return min((f["iteration"] for f in self.failures), default=None)
+
+    def describe(self) -> str:
+        """One line for the table's caption."""
+        text = (
+            f"{self.graph} selection (batch {self.batch}): {self.agreed}/{self.batch} rows agree "
+            f"at all {self.iterations} iterations"
+        )
+        for tie in self.near_ties:
+            text += (
+                f"; row {tie['row']} near-tie at iteration {tie['iteration']} (swapped "
+                f"candidates' scores agree to {_fmt(tie['score_diff'])}; not compared)"
+            )
+        if self.failures:
+            text += f"; FAIL from iteration {self.first_failing_iteration}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON form."""
+        return {
+            "graph": self.graph,
+            "batch": self.batch,
+            "iterations": self.iterations,
+            "agreed": self.agreed,
+            "near_ties": self.near_ties,
+            "failures": self.failures,
+            "first_failing_iteration": self.first_failing_iteration,
+            "passed": self.passed,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SelectionCheck:
+        """Rebuild from `to_dict` output."""
+        keys = ("graph", "batch", "iterations", "agreed", "near_ties", "failures")
+        return cls(**{k: data[k] for k in keys})
 
 
 @dataclass
@@ -275,6 +343,8 @@ class ParityReport:
         errors: Exceptions the candidate raised (each also fails the outputs it concerns).
         notes: Remarks that do not change the verdict (e.g. an output dtype that differs).
         versions: Versions of the packages involved.
+        selections: The agent step's selections per batch size (`SelectionCheck`), when its
+            contract declares them.
     """
 
     passed: bool
@@ -291,6 +361,7 @@ class ParityReport:
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
     elapsed_s: float = 0.0
+    selections: list[SelectionCheck] = field(default_factory=list)
 
     # -- queries -------------------------------------------------------------------------
     def __bool__(self) -> bool:
@@ -351,6 +422,7 @@ class ParityReport:
             "versions": self.versions,
             "steps": [c.to_dict() for c in self.steps],
             "rollouts": [c.to_dict() for c in self.rollouts],
+            "selections": [c.to_dict() for c in self.selections],
         }
 
     def to_json(self, path: str | os.PathLike[str] | None = None, *, indent: int = 2) -> str:
@@ -386,6 +458,7 @@ class ParityReport:
             versions=dict(data.get("versions", {})),
             created=data.get("created", ""),
             elapsed_s=float(data.get("elapsed_s", 0.0)),
+            selections=[SelectionCheck.from_dict(c) for c in data.get("selections", [])],
         )
 
     @classmethod
@@ -527,7 +600,7 @@ class ParityReport:
                 cells.append("[red]FAIL[/]" + ("" if first is None else f" @{first}"))
             table.add_row(*cells)
         fit_words(table)
-        lines = []
+        lines = [c.describe() for c in self.selections if c.near_ties or c.failures]
         if self.localization is not None:
             lines.append(self.localization.describe())
         lines.extend(self.errors)

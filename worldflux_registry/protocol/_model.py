@@ -417,6 +417,35 @@ class WorldModel(nn.Module, ABC):
         """Optional planner hook. Default delegates to transition()."""
         return self.transition(state, action, conditions, deterministic)
 
+    def act_step(
+        self,
+        obs: ObsLike,
+        carry: State | None = None,
+        conditions: ConditionPayload | None = None,
+        deterministic: bool = False,
+    ) -> State:
+        """One agent step from an observation: what a deployer calls once per environment step.
+
+        The contract's `AgentSpec` with ``graph="act"`` declares it (exported as the ``act``
+        graph). ``carry`` holds the `AgentSpec.carry` tensors the previous call returned (a
+        missing one, or ``carry=None``, is zeros: the first step of an episode; zero the rows of
+        environments that start a new episode). Noise comes from ``wf.noise.<name>`` extras of
+        ``conditions`` (a missing one is drawn from torch's generator); ``deterministic=True``
+        takes the mode, as zeros for the agent's exploration noise (`AgentSpec.explore`) do.
+        Returns the new carry and the agent's outputs (`AgentSpec.outputs`, among them the
+        action) in one `State`. (Not named ``act``: a base-class method of that name would
+        shadow the ``self.act = nn.SiLU()`` submodules that families commonly hold.)
+
+        Raises:
+            CapabilityError: the family declares no ``act`` agent step (families that act by
+                planning on an encoded state implement `plan_step`).
+        """
+        raise CapabilityError(
+            f"{type(self).__name__} does not implement act_step()",
+            hint="a family that plans on an encoded state acts through plan_step()",
+            family=self.family,
+        )
+
     def sample_step(
         self,
         state: State,

@@ -49,9 +49,9 @@ class Port:
     ``new_state.<key>`` (encode, transition, update) or ``pred.<key>`` (decode). Side conditions
     are ``cond.<name>`` inputs of every step that reads them. The fused ``rollout`` graph takes
     ``actions`` and ``noise.<name>`` and gives ``states.<key>`` and ``pred.<key>`` with a fixed
-    leading time axis (``lead``) before the batch axis. An agent step (``plan`` / ``act``)
-    takes ``state.<key>``, ``carry.<name>``, side conditions and noise and gives
-    ``new_carry.<name>`` and ``out.<name>`` (`AgentSpec`).
+    leading time axis (``lead``) before the batch axis. An agent step takes ``state.<key>``
+    (``plan``) or ``obs.<name>`` (``act``), ``carry.<name>``, side conditions and noise and
+    gives ``new_carry.<name>`` and ``out.<name>`` (`AgentSpec`).
     """
 
     name: str
@@ -188,14 +188,18 @@ def _agent_signature(contract: IOContract, graph: str) -> GraphSignature:
             hint="a family declares its agent step as IOContract(agent=AgentSpec(...))",
             graph=graph,
         )
-    state = tuple(Port(f"state.{s.name}", s) for s in contract.state)
+    # The planner starts from an encoded state, the actor from an observation.
+    if graph == "act":
+        first = tuple(Port(f"obs.{s.name}", s) for s in contract.observations)
+    else:
+        first = tuple(Port(f"state.{s.name}", s) for s in contract.state)
     carry = tuple(Port(f"carry.{s.name}", s) for s in agent.carry)
     specs = contract.noise_for(graph)
     noise = tuple(Port(f"noise.{n.name}", n.as_tensor_spec()) for n in specs)
     outputs = tuple(Port(f"new_carry.{s.name}", s) for s in agent.carry) + tuple(
         Port(f"out.{s.name}", s) for s in agent.outputs
     )
-    inputs = state + carry + _condition_ports(contract) + noise
+    inputs = first + carry + _condition_ports(contract) + noise
     return GraphSignature(graph, inputs, outputs, tuple(n.name for n in specs))
 
 
@@ -280,13 +284,11 @@ class GraphModule(nn.Module):
         det = self.sig.deterministic
         conditions = conditions_payload(group["noise"], group["cond"])
         action = named.get("action")
+        if graph == "act":
+            obs = WorldModelInput(group["obs"], conditions=None)
+            result = model.act_step(obs, State(group["carry"]), conditions, det).tensors
+            return {**_prefixed("new_carry", result), **_prefixed("out", result)}
         if graph in AGENT_GRAPHS:
-            if graph != "plan":
-                raise ExportError(
-                    f"the {graph!r} agent graph is not supported by this exporter yet",
-                    hint="export the 'plan' agent step (WorldModel.plan_step)",
-                    graph=graph,
-                )
             state = State({**group["state"], **group["carry"]})
             result = model.plan_step(state, None, conditions, det).tensors
             return {**_prefixed("new_carry", result), **_prefixed("out", result)}

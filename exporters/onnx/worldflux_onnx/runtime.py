@@ -13,6 +13,7 @@ from torch import Tensor
 
 from worldflux_registry import (
     ActionPayload,
+    AgentSpec,
     BackendError,
     Capability,
     CapabilityError,
@@ -397,20 +398,14 @@ class OnnxWorldModel(WorldModel):
         (`AgentSpec.explore`). Returns ``state`` with the new carry and the outputs added.
         """
         agent = self._contract.agent
-        if agent is None:
+        if agent is None or agent.graph != "plan":
             return super().plan_step(state, action, conditions, deterministic)
         if action is not None:
             raise ContractError(
                 "plan_step chooses the action; pass action=None",
                 hint="use transition() to step the model with a given action",
             )
-        run = self._graphs.get(agent.graph)
-        if run is None:
-            raise CapabilityError(
-                f"this export has no {agent.graph!r} graph",
-                hint=f"re-export with graphs=(..., {agent.graph!r})",
-                graph=agent.graph,
-            )
+        run = self._agent_run(agent)
         tensors = state.tensors
         names = [name for name, _ in run.inputs]
         inputs = {
@@ -423,6 +418,59 @@ class OnnxWorldModel(WorldModel):
                 f"state is missing keys {missing}", hint="pass the State encode() returned"
             )
         batch = _batch_of(inputs) if inputs else _batch_of(dict(tensors))
+        out = self._agent_step(agent, run, inputs, tensors, batch, conditions, deterministic)
+        return State({**tensors, **out})
+
+    def act_step(
+        self,
+        obs: ObsLike,
+        carry: State | None = None,
+        conditions: ConditionPayload | None = None,
+        deterministic: bool = False,
+    ) -> State:
+        """One agent step from an observation (ONNX ``act`` graph), as the torch ``act_step``.
+
+        ``carry`` holds the `AgentSpec.carry` tensors the previous call returned (None, or a
+        missing one, is zeros: the first step of an episode). Noise comes from
+        ``wf.noise.<name>`` extras (each missing one is sampled); ``deterministic=True`` feeds
+        zeros for the agent's exploration noise (`AgentSpec.explore`). Returns the new carry
+        and the agent's outputs (the action among them).
+        """
+        agent = self._contract.agent
+        if agent is None or agent.graph != "act":
+            return super().act_step(obs, carry, conditions, deterministic)
+        run = self._agent_run(agent)
+        observations, obs_conditions = self.observations(obs)
+        conditions = conditions if conditions is not None else obs_conditions
+        inputs = {f"obs.{k}": v for k, v in observations.items()}
+        batch = _batch_of(inputs)
+        tensors = {} if carry is None else carry.tensors
+        return State(
+            self._agent_step(agent, run, inputs, tensors, batch, conditions, deterministic)
+        )
+
+    def _agent_run(self, agent: AgentSpec) -> _GraphRun:
+        run = self._graphs.get(agent.graph)
+        if run is None:
+            raise CapabilityError(
+                f"this export has no {agent.graph!r} graph",
+                hint=f"re-export with graphs=(..., {agent.graph!r})",
+                graph=agent.graph,
+            )
+        return run
+
+    def _agent_step(
+        self,
+        agent: AgentSpec,
+        run: _GraphRun,
+        inputs: dict[str, Tensor],
+        tensors: Mapping[str, Tensor],
+        batch: int,
+        conditions: ConditionPayload | None,
+        deterministic: bool,
+    ) -> dict[str, Tensor]:
+        """Add the carry (zeros where missing) and, when ``deterministic``, zero exploration
+        noise to ``inputs``; run the agent graph; return its outputs by contract name."""
         for spec in agent.carry:
             value = tensors.get(spec.name)
             if value is None:
@@ -444,8 +492,7 @@ class OnnxWorldModel(WorldModel):
                     dtype = getattr(torch, noise.dtype)
                     extras[key] = torch.zeros((batch, *rest), dtype=dtype, device=self.device)
             conditions = ConditionPayload(extras)
-        out = self._step(agent.graph, inputs, conditions, False)
-        return State({**tensors, **out})
+        return self._step(agent.graph, inputs, conditions, False)
 
     def rollout(
         self,

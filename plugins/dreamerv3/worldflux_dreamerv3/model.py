@@ -13,7 +13,7 @@ copy (``slowval``). Every random draw is an explicit input (uniform noise for Gu
 samples, standard-normal or uniform noise for actions), so each step is a deterministic function
 of its inputs.
 
-A deployer calls `DreamerV3WorldModel.act` once per environment step.
+A deployer calls `DreamerV3WorldModel.act_step` once per environment step.
 """
 
 from __future__ import annotations
@@ -378,10 +378,10 @@ class DreamerV3WorldModel(WorldModel):
     Actions are float32 ``[batch, action_dim]`` (continuous) or, with
     ``action_kind="discrete"``, an int32 index ``[batch]`` one-hot encoded inside.
 
-    Acting: call `act` once per environment step (posterior update + actor sample, noise as
-    explicit tensors). ``plan_step`` is not the acting method for this family: its signature
-    (state, action -> state) has no observation and returns no action, so it keeps the base
-    behaviour (a prior step).
+    Acting: call `act_step` once per environment step (posterior update + actor sample, noise as
+    explicit tensors), the protocol's agent step, exported as the ``act`` graph; `policy_step`
+    is the same step with the official ``Agent.policy`` arguments. ``plan_step`` is not the
+    acting method for this family: it keeps the base behaviour (a prior step).
     """
 
     family = spec.FAMILY
@@ -752,7 +752,57 @@ class DreamerV3WorldModel(WorldModel):
             noise = torch.randn_like(mean)
         return mean + dist["std"] * noise.to(mean.dtype)
 
-    def act(
+    def act_step(
+        self,
+        obs: ObsLike,
+        carry: State | None = None,
+        conditions: ConditionPayload | None = None,
+        deterministic: bool = False,
+    ) -> State:
+        """One agent step (official ``Agent.policy``): posterior update, then an actor sample.
+
+        What a deployer calls once per environment step (the contract's ``act`` agent step,
+        exported as the ``act`` graph): pass the `State` the previous call returned as
+        ``carry`` (None on the first step), step the environment with its ``"action"``.
+
+        Args:
+            obs: Observations (a mapping or a `WorldModelInput`, whose conditions are used when
+                ``conditions`` is None).
+            carry: ``"deter"``, ``"stoch"`` and ``"prev_action"`` (`spec.act_agent`); a missing
+                one is zeros. All-zero rows are the official reset (``is_first``): zero the
+                rows of environments starting a new episode.
+            conditions: Noise ``wf.noise.posterior`` (uniform ``[batch, stoch, classes]``) and
+                ``wf.noise.act_action`` (``[batch, action_dim]``: standard normal, or uniform
+                for a discrete actor); a missing one is drawn from torch's generator.
+            deterministic: Posterior mode and action mode (mean / argmax), no noise read.
+
+        Returns:
+            ``deter``, ``stoch`` (the posterior), ``prev_action`` (the carry of the next step:
+            the action, or a discrete action's one-hot) and ``action`` (float32
+            ``[batch, action_dim]`` unclipped, or an int32 index ``[batch]``).
+        """
+        tensors, obs_conditions = self.observations(obs)
+        conditions = conditions if conditions is not None else obs_conditions
+        tensors = self._obs_tensors(tensors)
+        first = next(iter(tensors.values()))
+        batch, device = first.shape[0], first.device
+        given = {} if carry is None else carry.tensors
+        zero = self.initial_tensors(batch, device)
+        zero["prev_action"] = self._zero_action(batch, device)
+        state = State({k: given.get(k, v) for k, v in zero.items() if k != "prev_action"})
+        prev = given.get("prev_action", zero["prev_action"])
+        post, noise = None, None
+        if not deterministic:
+            post = self.noise("posterior", conditions, batch, device=device)
+            noise = self.noise("act_action", conditions, batch, device=device)
+        new, action = self.policy_step(
+            state, tensors, prev, noise, posterior_noise=post, deterministic=deterministic
+        )
+        return State(
+            {**new.tensors, "prev_action": self.action_embedding(action), "action": action}
+        )
+
+    def policy_step(
         self,
         state: State | None,
         obs: Mapping[str, Tensor],
@@ -763,12 +813,11 @@ class DreamerV3WorldModel(WorldModel):
         posterior_noise: Tensor | None = None,
         deterministic: bool = False,
     ) -> tuple[State, Tensor]:
-        """One agent step (official ``Agent.policy``): posterior update, then an actor sample.
+        """The official ``Agent.policy`` signature of `act_step`: posterior update, then an actor
+        sample, with the reset flags as an argument and the action returned beside the state.
 
-        This is what a deployer calls once per environment step: pass the state and action this
-        method returned on the previous step (``None`` for both on the first step), the new
-        observation and the per-step noise; step the environment with the returned action and
-        keep the returned state for the next call.
+        Pass the state and action this method returned on the previous step (``None`` for both
+        on the first step), the new observation and the per-step noise.
 
         Args:
             state: Previous posterior state, or None at the start (zero carry).

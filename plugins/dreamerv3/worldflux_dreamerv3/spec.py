@@ -11,7 +11,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
-from worldflux_registry import Capability, ConfigError, IOContract, NoiseSpec, TensorSpec
+from worldflux_registry import (
+    AgentSpec,
+    Capability,
+    ConfigError,
+    IOContract,
+    NoiseSpec,
+    TensorSpec,
+)
 
 __all__ = [
     "CAPABILITIES",
@@ -20,6 +27,8 @@ __all__ = [
     "ACTION_KINDS",
     "IMAGE_SHAPE",
     "PRESETS",
+    "act_agent",
+    "act_noise",
     "contract",
     "embed_dim",
     "param_count",
@@ -117,6 +126,7 @@ CAPABILITIES: Final = frozenset(
         Capability.DISCRETE_ACTIONS,
         Capability.POLICY,
         Capability.VALUE,
+        Capability.ACT,
     }
 )
 
@@ -250,10 +260,7 @@ def contract(config: Mapping[str, Any]) -> IOContract:
             ),
         ),
         predictions=tuple(predictions),
-        noise=(
-            NoiseSpec("prior", latent, graphs=("transition",)),
-            NoiseSpec("posterior", latent, graphs=("encode", "update")),
-        ),
+        noise=(NoiseSpec("prior", latent, graphs=("transition",)), *act_noise(config)),
         targets=(
             TensorSpec("reward", "float32", ("batch",), description="reward produced by action[t]"),
             TensorSpec(
@@ -266,6 +273,93 @@ def contract(config: Mapping[str, Any]) -> IOContract:
                 description="0.0 when the observation after action[t] is terminal",
             ),
         ),
+        agent=act_agent(config),
+    )
+
+
+def act_noise(config: Mapping[str, Any]) -> tuple[NoiseSpec, ...]:
+    """The posterior noise and the agent step's action noise (graph ``act``).
+
+    ``posterior`` (``wf.noise.posterior``): uniform ``[batch, stoch, classes]``, the Gumbel-max
+    sample of the unimix posterior, read by ``encode``, ``update`` and ``act``. ``act_action``
+    (``wf.noise.act_action``) ``[batch, action_dim]``: standard normal for a continuous actor
+    (``action = mean + std * noise``), uniform for a discrete one (Gumbel-max over the logits).
+    """
+    latent = ("batch", int(config["stoch"]), int(config["classes"]))
+    kind = "uniform" if config["action_kind"] == "discrete" else "normal"
+    return (
+        NoiseSpec("posterior", latent, graphs=("encode", "update", "act")),
+        NoiseSpec("act_action", ("batch", int(config["action_dim"])), ("act",), kind),
+    )
+
+
+def act_agent(config: Mapping[str, Any]) -> AgentSpec:
+    """The agent step: `DreamerV3WorldModel.act_step` (the official ``Agent.policy``).
+
+    Carry: the posterior ``deter`` and ``stoch`` and ``prev_action``, the action the step took,
+    as the core embeds it: the float32 action itself (unclipped, as the official agent feeds it
+    back), or the one-hot of a discrete index. Zeros are the official reset (``is_first``):
+    zero carry and a zero action embedding. Output: ``action``, as the contract's action but
+    unclipped (float32 ``[batch, action_dim]``, or an int32 index ``[batch]``). Both noises are
+    exploration noise: zeros give the ``deterministic=True`` step (posterior mode, action mode)
+    up to float ties of the Gumbel-max argmax, whose constant shift keeps the argmax.
+    """
+    n = int(config["action_dim"])
+    stoch, classes = int(config["stoch"]), int(config["classes"])
+    discrete = config["action_kind"] == "discrete"
+    prev = (
+        TensorSpec(
+            "prev_action",
+            "float32",
+            ("batch", n),
+            kind="categorical",
+            classes=n,
+            description="one-hot of the action the previous step took (zeros at t0)",
+        )
+        if discrete
+        else TensorSpec(
+            "prev_action",
+            "float32",
+            ("batch", n),
+            description="the action the previous step took, unclipped (zeros at t0)",
+        )
+    )
+    action = (
+        TensorSpec(
+            "action",
+            "int32",
+            ("batch",),
+            kind="discrete",
+            classes=n,
+            low=0,
+            high=n - 1,
+            description="the action to take (an index)",
+        )
+        if discrete
+        else TensorSpec(
+            "action",
+            "float32",
+            ("batch", n),
+            description="the action to take, unclipped: clip to [-1, 1] for the environment",
+        )
+    )
+    return AgentSpec(
+        graph="act",
+        action="action",
+        carry=(
+            TensorSpec("deter", "float32", ("batch", int(config["deter"]))),
+            TensorSpec(
+                "stoch",
+                "float32",
+                ("batch", stoch, classes),
+                kind="categorical",
+                classes=classes,
+                description="one-hot posterior sample",
+            ),
+            prev,
+        ),
+        outputs=(action,),
+        explore=("posterior", "act_action"),
     )
 
 

@@ -671,7 +671,9 @@ class TDMPC2WorldModel(WorldModel):
 
         Returns a State with ``latent`` and ``reward`` (as given), ``plan_action``
         ``[B, action_dim]`` (the action to take, clamped to [-1, 1]), ``plan_mean`` (the warm
-        start for the next step) and ``plan_std`` ``[B, horizon, action_dim]``.
+        start for the next step) and ``plan_std`` ``[B, horizon, action_dim]``, and each
+        iteration's elites and their values, ``plan_elites`` (int64) and ``plan_elite_values``
+        ``[B, iterations, num_elites]``.
         """
         if action is not None:
             raise ContractError(
@@ -697,6 +699,8 @@ class TDMPC2WorldModel(WorldModel):
                 "plan_action": result.action,
                 "plan_mean": result.mean,
                 "plan_std": result.std,
+                "plan_elites": result.elite_idxs,
+                "plan_elite_values": torch.gather(result.values, 2, result.elite_idxs),
             }
         )
 

@@ -453,9 +453,13 @@ def plan_agent(config: Mapping[str, Any]) -> AgentSpec:
     Carry ``plan_mean`` ``[batch, horizon, action_dim]`` (the warm start; zeros at the first
     step); outputs ``plan_action`` ``[batch, action_dim]`` in [-1, 1] and ``plan_std``. The
     exploration noise ``plan_action_eps`` is scaled by ``plan_std[:, 0]``, so its zeros give
-    the ``deterministic=True`` (official ``eval_mode``) action exactly.
+    the ``deterministic=True`` (official ``eval_mode``) action exactly. ``plan_elites`` and
+    ``plan_elite_values`` ``[batch, iterations, num_elites]`` record each iteration's elites
+    (best first) and their values: the step's `AgentSpec.selection`, which parity compares to
+    tell a near-tie between two elites from a wrong planner.
     """
     h, a = config["horizon"], config["action_dim"]
+    elites = ("batch", planner_iterations(config), config["num_elites"])
     return AgentSpec(
         graph="plan",
         action="plan_action",
@@ -487,8 +491,24 @@ def plan_agent(config: Mapping[str, Any]) -> AgentSpec:
                 description="final MPPI standard deviation",
                 tolerance=PLAN_TOLERANCE,
             ),
+            TensorSpec(
+                "plan_elites",
+                "int64",
+                elites,
+                kind="discrete",
+                classes=config["num_samples"],
+                description="elite candidates of each iteration, best first",
+            ),
+            TensorSpec(
+                "plan_elite_values",
+                "float32",
+                elites,
+                description="their estimated returns",
+                tolerance=PLAN_TOLERANCE,
+            ),
         ),
         explore=("plan_action_eps",),
+        selection=("plan_elites", "plan_elite_values"),
     )
 
 
