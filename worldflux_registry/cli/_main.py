@@ -527,7 +527,7 @@ _EXAMPLES: Final = {
     ),
     "resolve": (
         "worldflux-registry resolve dreamerv3:ci",
-        "worldflux-registry resolve sha256:79e9452d --json",
+        "worldflux-registry resolve sha256:fa86fd76 --json",
     ),
     "plugins": (
         "worldflux-registry plugins",

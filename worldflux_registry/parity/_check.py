@@ -170,7 +170,8 @@ def check(
             if isinstance(fused, int) and horizon < fused:
                 notes.append(
                     f"the {side}'s fused rollout graph ({fused} steps) was not checked: "
-                    f"free_running rolls out {horizon} steps; use horizon >= {fused}"
+                    f"free_running rolls out {horizon} steps; use horizon >= {fused} "
+                    f"(--horizon {fused} on the CLI)"
                 )
     run = _Run(
         contract,
