@@ -52,45 +52,71 @@ def _settings(export: Path) -> dict[str, Any]:
     return models
 
 
-def _time(models: dict[str, Any], batch: int, repeats: int, max_seconds: float) -> dict[str, Any]:
+def _inputs(model: Any, batch: int) -> tuple[Any, Any, Any]:
+    """Seeded encode input, action and transition conditions of ``model``'s contract."""
     import torch
 
-    from worldflux_registry.bench._backends import _initial_state, _make_inputs
-    from worldflux_registry.bench._measure import _Series
-    from worldflux_registry.protocol._inputs import conditions_payload
+    from worldflux_registry.plugin_api import (
+        conditions_payload,
+        encode_input,
+        make_actions,
+        make_noise,
+        make_observations,
+    )
 
-    reference = next(iter(models.values()))
-    series = {}
+    contract = model.io_contract()
+    gen = torch.Generator().manual_seed(0)
+    obs = make_observations(contract, (batch,), gen)
+    first = encode_input(obs, make_noise(contract, "encode", (batch,), gen))
+    action = make_actions(contract, (batch,), gen)
+    cond = conditions_payload(make_noise(contract, "transition", (batch,), gen))
+    return first, action, cond
+
+
+def _time(models: dict[str, Any], batch: int, repeats: int, max_seconds: float) -> dict[str, Any]:
+    import statistics
+
+    import torch
+
+    calls = {}
+    samples: dict[str, list[float]] = {name: [] for name in models}
+    spent = dict.fromkeys(models, 0.0)
     with torch.inference_mode():
         for name, model in models.items():
-            inputs = _make_inputs(reference, batch, 1, 0)
-            state = _initial_state(model, inputs)
-            cond = conditions_payload(inputs.step_noise, inputs.conds)
-            s = _Series(
-                lambda m=model, st=state, c=cond, a=inputs.action: m.transition(st, a, c),
-                lambda: None,
-                10,
-                repeats,
-            )
-            s.warm()
-            series[name] = s
+            first, action, cond = _inputs(model, batch)
+            state = model.encode(first)
+            calls[name] = lambda m=model, s=state, a=action, c=cond: m.transition(s, a, c)
+            for _ in range(10):  # warm-up
+                calls[name]()
+
+        def done(name: str) -> bool:
+            n = len(samples[name])
+            return n >= repeats or (spent[name] > max_seconds and n >= 20)
+
         # Ten rounds in a new random order each: a setting's neighbours change from round to
         # round. A spinning pool keeps spinning a while after its block, taking the core from
         # whoever runs next; the short pause between blocks lets it go back to sleep.
         rng = random.Random(0)
         while True:
-            active = [s for s in series.values() if not s.done(20, max_seconds)]
+            active = [name for name in models if not done(name)]
             if not active:
                 break
             rng.shuffle(active)
-            for s in active:
+            for name in active:
                 time.sleep(0.05)
-                s.time_block(max(1, repeats // 10), 20, max_seconds)
-    out = {}
-    for name, s in series.items():
-        t = s.timing()
-        out[name] = {"median_s": t.median, "samples": len(s.samples), "min_s": min(s.samples)}
-    return out
+                calls[name]()  # untimed: caches back to this setting's weights
+                for _ in range(max(1, repeats // 10)):
+                    if done(name):
+                        break
+                    t0 = time.perf_counter()
+                    calls[name]()
+                    dt = time.perf_counter() - t0
+                    samples[name].append(dt)
+                    spent[name] += dt
+    return {
+        name: {"median_s": statistics.median(x), "samples": len(x), "min_s": min(x)}
+        for name, x in samples.items()
+    }
 
 
 def _busy() -> subprocess.Popen[bytes]:

@@ -203,7 +203,8 @@ def optimize(
     else:
         torch.manual_seed(seed)
         model = registry.load(model_or_ref, device="cpu")
-    model = model.eval()
+    was_training = model.training
+    model.eval()
     label = f"{model.family}:{model.preset}" if model.preset else str(model.family)
     results = [CandidateResult(n, *CANDIDATES[n]) for n in names]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -293,6 +294,7 @@ def optimize(
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        model.train(was_training)
 
 
 def _check_args(
