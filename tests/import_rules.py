@@ -34,6 +34,7 @@ LAYERS: Mapping[str, int] = {
     "exporting": 7,
     "bench": 8,
     "testing": 9,
+    "optimizing": 9,
     "cli": 10,
     "plugin_api": 11,
 }

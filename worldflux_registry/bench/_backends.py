@@ -36,12 +36,15 @@ BACKENDS = (
     "torch-cudagraph",
     "ort-cpu",
     "ort-cpu-fused",
+    "ort-cpu-int8",
     "ort-cuda",
     "ort-cuda-fused",
     "ort-cuda-graph",
     "ort-cuda-graph-fused",
 )
 _FUSED = "-fused"
+#: Backends that run the int8 export (`_Context.int8_dir`), judged by `flip_budget_verdict`.
+_INT8 = "-int8"
 _ORT = {name: "cpu" if "cpu" in name else "cuda" for name in BACKENDS if name.startswith("ort-")}
 
 
@@ -124,6 +127,8 @@ class _Context:
     ort_options: dict[str, Any]
     #: Horizon of the export's fused rollout graph (None when it has none).
     fused_horizon: int | None = None
+    #: The int8 export the ``*-int8`` backends run (None when there is none).
+    int8_dir: Path | None = None
     _on_device: dict[str, WorldModel] = field(default_factory=dict)
     _candidates: dict[str, WorldModel] = field(default_factory=dict)
 
@@ -489,6 +494,11 @@ def _bench_ort(ctx: _Context, result: BackendResult, backend: str) -> _Timer | N
             raise _Skip(f"onnxruntime has no CUDAExecutionProvider here (providers: {providers})")
         if not torch.cuda.is_available():
             raise _Skip("CUDA is not available to torch here")
+    export_dir = ctx.export_dir
+    if backend.endswith(_INT8):
+        if ctx.int8_dir is None:
+            raise _Skip("no int8 export: benchmark a registry ref to have one made")
+        export_dir = ctx.int8_dir
     options = _ort_loader_options(ctx, backend)
     memory = _Memory(
         device,
@@ -499,7 +509,7 @@ def _bench_ort(ctx: _Context, result: BackendResult, backend: str) -> _Timer | N
     # One model per backend, reused across batch sizes (ORT sessions are costly to build).
     candidate = ctx._candidates.get(backend)
     if candidate is None:
-        candidate = registry.load(ctx.export_dir, device=device, **options)
+        candidate = registry.load(export_dir, device=device, **options)
         ctx._candidates[backend] = candidate
     result.settings = {"loader_options": _printable(options), **_ort_session_facts(candidate)}
     result.settings["tf32"] = tf32_state()
@@ -511,7 +521,10 @@ def _bench_ort(ctx: _Context, result: BackendResult, backend: str) -> _Timer | N
             "the provider's default applies (ONNX Runtime enables TF32 unless told otherwise)"
         )
     reference = ctx.torch_model(device)
-    result.parity = _parity(ctx, reference, candidate, result.batch, fused=fused)
+    if backend.endswith(_INT8):
+        result.parity = _int8_parity(ctx, reference, candidate, result.batch)
+    else:
+        result.parity = _parity(ctx, reference, candidate, result.batch, fused=fused)
     if not result.parity["passed"]:
         result.status = "refused"
         result.reason = "parity failed: " + str(result.parity.get("summary") or "see parity")
@@ -573,6 +586,36 @@ def _parity(
     }
     if not report.passed:
         out["summary"] = _parity_failure(report)
+    return out
+
+
+def _int8_parity(
+    ctx: _Context, reference: WorldModel, candidate: WorldModel, batch: int
+) -> dict[str, Any]:
+    """Free-running parity of an int8 export over the benchmark's horizon, within the int8
+    tolerances (categorical outputs by their flip rate, at most ``INT8_MAX_FLIP_RATE``)."""
+    from ..parity._tolerance import INT8_MAX_FLIP_RATE
+    from ._verdict import flip_budget_verdict
+
+    batches = ctx.parity["batches"] or [min(batch, 64)]
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"check": "flip_budget_verdict (int8 tolerances)", "runs": []}
+    reasons: list[str] = []
+    for size in batches:
+        _, summary, why = flip_budget_verdict(
+            reference, candidate, size, ctx.horizon, INT8_MAX_FLIP_RATE, ctx.seed
+        )
+        out["runs"].append(summary)
+        reasons += why
+    out.update(
+        passed=not reasons,
+        batch_sizes=list(batches),
+        horizon=ctx.horizon,
+        max_flip_rate=INT8_MAX_FLIP_RATE,
+        seconds=time.perf_counter() - t0,
+    )
+    if reasons:
+        out["summary"] = _shorten("; ".join(dict.fromkeys(reasons)), 600)
     return out
 
 

@@ -24,7 +24,7 @@ from .._torch_env import tf32 as use_tf32
 from ..errors import BackendError, ConfigError
 from ..registry._artifact import MANIFEST_FILE, read_artifact_manifest
 from ..registry._from_export import model_from_export
-from ._backends import _FUSED, BACKENDS, _Context, _fail, _prepare_backend
+from ._backends import _FUSED, _INT8, BACKENDS, _Context, _fail, _prepare_backend
 from ._measure import _loadavg, _time_interleaved, _Timer, environment
 from ._report import (
     FORMAT,
@@ -100,7 +100,8 @@ def run(
             or a checkpoint directory. For an export directory without one, the family / preset
             of its manifest is built and its weights are read back from the ONNX initializers
             where every parameter is found there (otherwise parity will refuse the ORT backends).
-        export_dir: Where to export a ref (a temporary directory, removed afterwards, if None).
+        export_dir: Where to export a ref (a temporary directory, removed afterwards, if None);
+            an ``ort-cpu-int8`` backend adds an int8 export beside it, ``<export_dir>-int8``.
         device: Device of the torch backends: ``"auto"`` (CUDA when available), ``"cpu"``,
             ``"cuda"``.
         parity_batches: Batch sizes of the parity check (default: each benchmarked batch
@@ -148,6 +149,8 @@ def run(
 
     try:
         export_time = None
+        int8_dir: Path | None = None
+        int8_export_time = None
         stage("building the torch reference")
         if is_export:
             source = "export"
@@ -170,6 +173,12 @@ def run(
             t0 = time.perf_counter()
             export(model, "onnx", out_dir, graphs=graphs, rollout_horizon=horizon)
             export_time = time.perf_counter() - t0
+            if any(b.endswith(_INT8) for b in backends):
+                # Beside the fp32 export; the *-int8 backends run it (parity decides, not export).
+                int8_dir = out_dir.with_name(out_dir.name + "-int8")
+                t0 = time.perf_counter()
+                export(model, "onnx", int8_dir, graphs=graphs[:3], precision="int8", check=False)
+                int8_export_time = time.perf_counter() - t0
             name = _model_name(model.family or "?", model.preset)
         model = model.to("cpu").eval()
         bench = BenchRun(
@@ -192,6 +201,7 @@ def run(
                 "max_seconds": max_seconds,
                 "parity_horizon": parity_horizon,
                 "fused_rollout_horizon": fused_horizon,
+                "int8_export_s": int8_export_time,
                 "tf32": tf32,
                 "torch_threads": torch.get_num_threads(),
                 "ort_options": dict(ort_options or {}),
@@ -213,6 +223,7 @@ def run(
             },
             parity={"horizon": parity_horizon, "batches": parity_batches, "tol": tolerances},
             fused_horizon=fused_horizon,
+            int8_dir=int8_dir,
             tf32=tf32,
             ort_options=dict(ort_options or {}),
         )

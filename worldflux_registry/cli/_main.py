@@ -35,6 +35,7 @@ _CLI_EXTENSIONS: Final = (
     "worldflux_registry.cli._bench",
     "worldflux_registry.cli._import",
     "worldflux_registry.cli._shm",
+    "worldflux_registry.cli._optimize",
     "worldflux_serve_ray.cli",
 )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import logging
 import os
 import re
@@ -426,6 +427,16 @@ def _trace(wrapper: nn.Module, args: tuple[torch.Tensor, ...], sig: GraphSignatu
 
 def _torch_export(exported: Any, sig: GraphSignature, opset: int, **extra: Any) -> Any:
     with _quiet(), torch.no_grad():
+        core = None if extra else _cached_registry_export(opset)
+        if core is not None:
+            return core(
+                exported,
+                input_names=sig.input_names,
+                output_names=sig.output_names,
+                verbose=False,
+                optimize=True,
+                opset_version=opset,
+            )
         return torch.onnx.export(
             exported,
             (),
@@ -437,6 +448,34 @@ def _torch_export(exported: Any, sig: GraphSignature, opset: int, **extra: Any) 
             optimize=True,
             **extra,
         )
+
+
+def _cached_registry_export(opset: int) -> Callable[..., Any] | None:
+    """``torch.onnx``'s own export step bound to one torchlib registry per opset, or None.
+
+    ``torch.onnx.export`` rebuilds its registry of ONNX translations (every torchlib function
+    signature, compiled afresh) on each call: 3 s of a graph's export on a 2-core machine, paid
+    once per graph. Reusing one is the only change; torch.onnx.export does the same below.
+    This reaches into torch's private exporter module, so it is used only when that module has
+    the expected shape (None otherwise: the caller takes the public path).
+    """
+    if opset not in _REGISTRIES:
+        try:
+            from torch.onnx._internal.exporter import _constants, _core, _registration
+
+            params = inspect.signature(_core.export).parameters
+            if not {"registry", "input_names", "output_names", "opset_version"} <= set(params):
+                return None
+            registry_opset = max(opset, int(_constants.TORCHLIB_OPSET))
+            registry = _registration.ONNXRegistry().from_torchlib(opset_version=registry_opset)
+        except Exception:  # a torch whose exporter looks otherwise: use the public API
+            return None
+        _REGISTRIES[opset] = functools.partial(_core.export, registry=registry)
+    return _REGISTRIES[opset]
+
+
+#: Opset -> torch.onnx's export step bound to its torchlib registry (built once per process).
+_REGISTRIES: dict[int, Callable[..., Any]] = {}
 
 
 _GUARD = re.compile(r"eval (Eq\(\w+, \d+\)) \[guard added\] \(([^)]*)\)")
