@@ -166,3 +166,29 @@ def test_candidates_cover_both_precisions_with_and_without_the_fused_graph():
         ("int8", False),
         ("int8", True),
     }
+
+
+def test_cli_table_fits_80_columns_and_names_what_it_wrote(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    out = tmp_path / "fast"
+    args = ["optimize", "tdmpc2:ci", "--out", str(out), "--candidates", "fp32"]
+    code = main([*args, "--horizon", "2"])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "chosen" in text and f"wrote fp32 to {out}" in " ".join(text.split())
+    assert (out / "manifest.json").is_file()
+
+
+def test_cli_refuses_a_non_empty_out_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the usage check")
+
+    monkeypatch.setattr("worldflux_registry.optimizing._optimize.optimize", no_model)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code = main(["optimize", "tdmpc2:ci", "--out", str(out)])
+    assert code == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"

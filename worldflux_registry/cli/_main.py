@@ -549,6 +549,11 @@ _EXAMPLES: Final = {
         "worldflux-registry bench d --backends torch,ort-cpu,ort-cpu-fused --batch 1,64",
         "worldflux-registry bench tdmpc2:ci --json b.json --markdown b.md",
     ),
+    "optimize": (
+        "worldflux-registry optimize dreamerv3:ci --out fast",
+        "worldflux-registry optimize ./checkpoint --out fast --max-flip-rate 0.05 --batch 64",
+        "worldflux-registry optimize tdmpc2:ci --out t --candidates fp32,int8 --json",
+    ),
     "import": (
         "worldflux-registry import tdmpc2 final.pt --out walker --config episode_length=500",
         "worldflux-registry import dreamerv3 logdir/ckpt --out dr --config action_kind=discrete",

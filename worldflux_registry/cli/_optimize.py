@@ -40,30 +40,43 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("ref", help="registry ref (family:preset) or checkpoint directory")
     p.add_argument("--out", required=True, metavar="DIR", help="new or empty directory")
-    p.add_argument("--target", default="cpu", help="where it will run: cpu or cuda (default cpu)")
+    p.add_argument("--target", default="cpu", help="where it will run: cpu or cuda")
     p.add_argument(
         "--max-flip-rate",
         type=_flip_rate,
         default=0.02,
         metavar="RATE",
-        help="largest fraction of categorical samples allowed to differ (default 0.02)",
+        help="largest fraction of categorical samples allowed to differ from torch's",
     )
-    p.add_argument("--batch", type=positive_int, default=1, help="batch size timed (default 1)")
+    p.add_argument("--batch", type=positive_int, default=1, metavar="B", help="batch size timed")
     p.add_argument(
-        "--horizon", type=positive_int, default=16, help="rollout steps timed (default 16)"
+        "--horizon", type=positive_int, default=16, metavar="H", help="rollout steps timed"
     )
-    p.add_argument(
-        "--metric", choices=METRICS, default="rollout", help="what fastest means (default rollout)"
-    )
+    p.add_argument("--metric", choices=METRICS, default="rollout", help="what fastest means")
     p.add_argument(
         "--candidates",
         type=_names,
-        help="comma-separated subset of " + ", ".join(CANDIDATES) + " (default all)",
+        metavar="NAME,...",
+        help="comma-separated subset of " + ", ".join(CANDIDATES) + " (default: all)",
     )
-    p.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads", type=positive_int, metavar="N", help="ONNX Runtime intra-op threads"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the parity and timing inputs")
     p.add_argument("--json", action="store_true", help="print the JSON document")
-    p.set_defaults(func=_cmd_optimize)
+    p.set_defaults(func=_cmd_optimize, preflight=_preflight)
+
+
+def _preflight(args: argparse.Namespace) -> None:
+    """Argument checks that need no model (and no torch)."""
+    from pathlib import Path
+
+    from ..optimizing._optimize import _check_args, _check_out
+
+    _check_args(
+        args.target, args.max_flip_rate, args.batch, args.horizon, args.metric, args.candidates
+    )
+    _check_out(Path(args.out))
 
 
 def _cmd_optimize(args: argparse.Namespace) -> int:
@@ -83,7 +96,47 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     )
     if args.json:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
-    else:
-        sys.stdout.write(result.to_markdown())
-        sys.stdout.write(f"{result.out}\n")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    from .._rich import fit_words
+
+    console = Console(highlight=False)
+    table = Table(
+        title=f"{result.model} on {result.target}, batch {result.batch}, "
+        f"{result.horizon}-step rollout, flip budget {result.max_flip_rate:g}",
+        title_justify="left",
+    )
+    for name, justify in (
+        ("candidate", "left"),
+        ("parity", "left"),
+        ("flips", "right"),
+        ("transition", "right"),
+        ("rollout", "right"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for c in result.candidates:
+        flip = c.parity.get("free_running_flip_rate")
+        verdict = {"chosen": "[green]chosen[/]", "passed": "pass"}.get(
+            c.status, f"[red]{c.status}[/]"
+        )
+        table.add_row(
+            c.name,
+            verdict,
+            "-" if flip is None else f"{100 * flip:.1f}%",
+            _ms(c.latency.get("transition")),
+            _ms(c.latency.get("rollout")),
+        )
+    console.print(fit_words(table, console.width))
+    for c in result.candidates:
+        if c.reasons:
+            console.print(f"{c.name}: " + "; ".join(c.reasons), soft_wrap=False)
+    console.print(f"wrote {result.chosen} to {result.out}")
     return 0
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
