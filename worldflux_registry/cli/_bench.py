@@ -40,12 +40,11 @@ def register(subparsers: Any) -> None:
         "check fails is reported as refused, without a speed.",
         epilog="examples:\n"
         "  worldflux-registry bench dreamerv3:ci --batch 1,32\n"
-        "  worldflux-registry bench ./tdmpc2-ckpt --agent --batch 1,32 --json agent.json\n"
-        "--agent times encode + plan (TD-MPC2) or act (DreamerV3) on torch, torch-compile and\n"
-        "ort-cpu by default; each ONNX result is gated by parity of the agent graph (MPPI elites\n"
-        "may differ only by a near-tie: swapped candidates whose values agree); columns: the\n"
+        "  worldflux-registry bench ./tdmpc2-ckpt --agent --batch 1,32 --json agent.json\n\n"
+        "--agent times encode + plan (TD-MPC2) or act (DreamerV3) on torch, torch-compile and "
+        "ort-cpu by default; each ONNX result is gated by parity of the agent graph (MPPI elites "
+        "may differ only by a near-tie: swapped candidates whose values agree). Columns: the "
         "median agent-step time (p10-p90 beneath) and environment steps per second.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("ref", metavar="REF_OR_EXPORT", help="registry ref or ONNX export directory")
     p.add_argument(
@@ -91,7 +90,7 @@ def register(subparsers: Any) -> None:
         type=positive_int,
         default=50,
         metavar="N",
-        help="timed transitions (with --agent: timed agent steps)",
+        help="timed agent steps with --agent, else timed transitions",
     )
     p.add_argument(
         "--rollout-repeats", type=positive_int, default=20, metavar="N", help="timed rollouts"
