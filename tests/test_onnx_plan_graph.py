@@ -4,8 +4,8 @@ behind ``OnnxWorldModel.plan_step`` like the torch ``plan_step`` (batch 1 and 3,
 deterministic and exploring), and a tampered plan graph fails parity at the plan graph.
 
 The planner settings are cut down (2 iterations of 64 samples) so the graph exports in seconds;
-the weights are the official reference's. ``benchmarks/plan_speed.py`` exports and checks the
-official settings (6 iterations of 512 samples).
+the weights are the official reference's. ``worldflux-registry bench --agent`` exports and checks
+the official settings (6 iterations of 512 samples).
 """
 
 from __future__ import annotations

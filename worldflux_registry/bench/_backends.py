@@ -237,14 +237,10 @@ def _warm_timer(
     memory: _Memory,
 ) -> _Timer:
     t = ctx.timing
-    timer = _Timer(
-        result,
-        _Series(step, sync, t["warmup"], t["repeats"]),
-        _Series(rollout, sync, t["warmup"], t["rollout_repeats"]),
-        ctx.horizon,
-    )
+    roll = _Series(rollout, sync, t["warmup"], t["rollout_repeats"])
+    timer = _Timer(result, _Series(step, sync, t["warmup"], t["repeats"]), roll, ctx.horizon)
     timer.step.warm()
-    timer.rollout.warm()
+    roll.warm()
     result.memory = memory.stop()
     return timer
 

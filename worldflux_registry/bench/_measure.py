@@ -217,11 +217,15 @@ class _Series:
 
 @dataclass
 class _Timer:
-    """The timed series of one backend at one batch size, and where their results go."""
+    """The timed series of one backend at one batch size, and where their results go.
+
+    An agent benchmark times one series (the agent step, ``rollout`` None): its throughput is
+    environment steps (``batch``) per second.
+    """
 
     result: BackendResult
     step: _Series
-    rollout: _Series
+    rollout: _Series | None
     horizon: int
 
 
@@ -237,7 +241,7 @@ def _time_interleaved(timers: Sequence[_Timer], *, min_repeats: int, max_seconds
     a block keep the caches as a steady loop on one backend would. Each series stops at
     ``repeats`` samples, or after ``max_seconds`` of timed calls once ``min_repeats`` are done.
     """
-    series = [s for t in timers for s in (t.step, t.rollout)]
+    series = [s for t in timers for s in (t.step, t.rollout) if s is not None]
     while True:
         active = [s for s in series if not s.done(min_repeats, max_seconds)]
         if not active:
@@ -246,5 +250,8 @@ def _time_interleaved(timers: Sequence[_Timer], *, min_repeats: int, max_seconds
             s.time_block(-(-s.repeats // _ROUNDS), min_repeats, max_seconds)
     for t in timers:
         t.result.step = t.step.timing()
+        if t.rollout is None:
+            t.result.throughput = t.result.batch / t.result.step.median
+            continue
         t.result.rollout = t.rollout.timing()
         t.result.throughput = t.horizon * t.result.batch / t.result.rollout.median

@@ -73,6 +73,15 @@ TARGETS: tuple[tuple[str, str], ...] = (
         "CPU, batch 1, one transition: ORT at least 1.5x faster than torch.compile (inductor)",
     ),
     ("parity", "Parity holds at every benchmarked setting"),
+    (
+        "cpu-b1-agent",
+        "CPU, batch 1, one agent step (encode + plan, or act): ORT at least 2x faster than "
+        "torch eager",
+    ),
+    (
+        "cpu-b1-agent-compile",
+        "CPU, batch 1, one agent step: ORT no slower than torch.compile (inductor)",
+    ),
 )
 _TARGET_MODELS = ("dreamerv3:size12m", "tdmpc2:size5m")
 #: CPU batch-1 step targets: target id -> (peer backend ORT is compared with, its label).
@@ -80,6 +89,15 @@ _CPU_STEP_PEERS: Final = {
     "cpu-b1-step": ("torch", "torch eager"),
     "cpu-b1-step-compile": ("torch-compile", "torch.compile"),
 }
+#: CPU batch-1 agent-step targets: target id -> (peer backend, its label, speedup needed).
+_CPU_AGENT_PEERS: Final = {
+    "cpu-b1-agent": ("torch", "torch eager", 2.0),
+    "cpu-b1-agent-compile": ("torch-compile", "torch.compile", 1.0),
+}
+
+
+def _mode(run: Mapping[str, Any]) -> str:
+    return str(run.get("mode") or "transition")
 
 
 def _find(
@@ -118,6 +136,9 @@ def evaluate_targets(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
         models = sorted({r["model"] for r in runs} | set(_TARGET_MODELS) | set(failed))
         for model in models:
             model_runs = [r for r in runs if r["model"] == model]
+            if target_id != "parity":
+                wanted = "agent" if target_id in _CPU_AGENT_PEERS else "transition"
+                model_runs = [r for r in model_runs if _mode(r) == wanted]
             verdict = _verdict(target_id, model_runs)
             if verdict["status"] == "not-measured" and model in failed:
                 verdict["detail"] = "not benchmarked: " + _shorten(failed[model], 160)
@@ -138,6 +159,19 @@ def _verdict(target_id: str, runs: Sequence[Mapping[str, Any]]) -> dict[str, Any
             return {"status": "missed", "detail": "refused (parity failed): " + ", ".join(refused)}
         return {"status": "met", "detail": f"{len(results)} backend/batch settings checked"}
     for run in runs:
+        if target_id in _CPU_AGENT_PEERS:
+            peer, label, needed = _CPU_AGENT_PEERS[target_id]
+            peer_t = _median(_find(run, peer, 1, "cpu"), "step")
+            ort_t = _median(_find(run, "ort-cpu", 1, "cpu"), "step")
+            if peer_t and ort_t:
+                speedup = peer_t / ort_t
+                return {
+                    "status": "met" if speedup >= needed else "missed",
+                    "value": speedup,
+                    "detail": f"ORT {speedup:.2f}x faster than {label} "
+                    f"({_fmt_time(ort_t)} vs {_fmt_time(peer_t)}), needs >= {needed:g}x",
+                }
+            continue
         if target_id in _CPU_STEP_PEERS:
             peer, label = _CPU_STEP_PEERS[target_id]
             peer_t = _median(_find(run, peer, 1, "cpu"), "step")
@@ -217,6 +251,9 @@ def to_markdown(doc: Mapping[str, Any]) -> str:
         "",
     ]
     for run in doc["runs"]:
+        if _mode(run) == "agent":
+            lines += _agent_markdown(run)
+            continue
         export_t = run["export_time_s"]
         lines += [
             f"### {run['model']}",
@@ -269,6 +306,82 @@ def to_markdown(doc: Mapping[str, Any]) -> str:
     if doc.get("notes"):
         lines += ["### Notes", ""] + [f"- {n}" for n in doc["notes"]] + [""]
     return "\n".join(lines)
+
+
+def _parity_word(parity: Mapping[str, Any]) -> str:
+    """``pass``, ``pass (2 near-ties)`` or ``FAIL`` (``-`` without a check)."""
+    if not parity:
+        return "-"
+    if not parity.get("passed"):
+        return "FAIL"
+    ties = parity.get("near_ties")
+    count = len(ties) if isinstance(ties, list) else int(ties or 0)
+    return f"pass ({count} near-tie{'s' if count > 1 else ''})" if count else "pass"
+
+
+def _agent_markdown(run: Mapping[str, Any]) -> list[str]:
+    """The section of one agent benchmark: what a call runs, then one row per result."""
+    settings = run["settings"]
+    agent = settings.get("agent", {})
+    export_t = run["export_time_s"]
+    lines = [
+        f"### {run['model']}: agent step ({agent.get('graph')})",
+        "",
+        f"One call per environment step for a batch of environments: `{agent.get('call')}`; "
+        f"reference: {run['reference']}; export "
+        + (f"took {export_t:.1f} s" if export_t is not None else "given")
+        + f"; TF32 {'on' if settings.get('tf32') else 'off'} on both sides; fingerprint "
+        f"`{run['fingerprint'][:19]}`. Torch threads {settings.get('torch_threads')}, ORT options "
+        f"{settings.get('ort_options') or 'default'}; load average before / after "
+        f"{_fmt_load(settings.get('loadavg_before'))} / "
+        f"{_fmt_load(settings.get('loadavg_after'))}.",
+        "",
+        "| backend | device | batch | parity | agent step: median (p10-p90) [IQR] min "
+        "| env steps / s | peak memory | note |",
+        "|---|---|---:|---|---|---:|---:|---|",
+    ]
+    for r in run["results"]:
+        step = r.get("step")
+        step_cell = (
+            f"{_fmt_time(step['median'])} ({_fmt_time(step['p10'])}-{_fmt_time(step['p90'])}) "
+            f"[{_fmt_time(step['iqr'])}] min {_fmt_time(step['min'])}"
+            if step
+            else "-"
+        )
+        mem = r.get("memory") or {}
+        mem_cell = f"{_fmt_bytes(mem.get('peak_bytes'))} {mem.get('kind', '')}".strip()
+        tput = f"{r['throughput']:,.1f}" if r.get("throughput") else "-"
+        note = r["status"] if r["status"] == "ok" else f"**{r['status']}**: {r['reason']}"
+        lines.append(
+            f"| {r['backend']} | {r.get('device') or '-'} | {r['batch']} "
+            f"| {_parity_word(r.get('parity') or {})} | {step_cell} | {tput} | {mem_cell} "
+            f"| {note} |"
+        )
+    selections = [
+        (r["backend"], r["batch"], c)
+        for r in run["results"]
+        for c in (r.get("parity") or {}).get("selections", ())
+    ]
+    if selections:
+        lines += ["", "Selections compared by parity (near-ties are accepted):", ""]
+        for backend, batch, c in selections:
+            lines.append(f"- {backend} at batch {batch}: {_selection_text(c)}")
+    lines.append("")
+    return lines
+
+
+def _selection_text(check: Mapping[str, Any]) -> str:
+    """``1/1 rows agree at all 6 iterations`` plus near-ties and the first failing iteration."""
+    text = f"{check['agreed']}/{check['batch']} rows agree at all {check['iterations']} iterations"
+    for tie in check.get("near_ties", ()):
+        text += (
+            f"; row {tie['row']} near-tie at iteration {tie['iteration']} (scores agree to "
+            f"{tie.get('score_diff', 0.0):.2g})"
+        )
+    failures = check.get("failures") or ()
+    if failures:
+        text += f"; FAIL from iteration {min(f['iteration'] for f in failures)}"
+    return text
 
 
 def _sig(value: float) -> str:
@@ -326,8 +439,11 @@ def to_rich(doc: Mapping[str, Any], width: int | None = None) -> Group:
         settings = run.get("settings", {})
         export_t = run.get("export_time_s")
         load = (_fmt_load(settings.get("loadavg_before")), _fmt_load(settings.get("loadavg_after")))
+        agent = _mode(run) == "agent"
         facts = [
-            f"horizon {run['horizon']}",
+            f"agent step ({settings.get('agent', {}).get('graph')})"
+            if agent
+            else f"horizon {run['horizon']}",
             f"export {export_t:.1f} s" if export_t is not None else "export given",
             f"torch threads {settings.get('torch_threads')}",
             f"TF32 {'on' if settings.get('tf32') else 'off'}",
@@ -336,25 +452,39 @@ def to_rich(doc: Mapping[str, Any], width: int | None = None) -> Group:
         results = run["results"]
         devices = {r.get("device") or "-" for r in results}
         parts.append(Text.from_markup(f"[bold]{escape(run['model'])}[/]: " + ", ".join(facts)))
-        table = Table(
-            caption="median, and p10-p90 beneath it; rollout: "
-            f"{run['horizon']} x (transition + decode)",
-            caption_justify="left",
-        )
+        if agent:
+            caption = (
+                "median, and p10-p90 beneath it; one agent step for a batch of environments: "
+                f"{settings.get('agent', {}).get('call')}"
+            )
+        else:
+            caption = (
+                f"median, and p10-p90 beneath it; rollout: {run['horizon']} x (transition + decode)"
+            )
+        table = Table(caption=escape(caption), caption_justify="left")
         table.add_column("backend")
         if len(devices) > 1:
             table.add_column("device")
         table.add_column("batch", justify="right")
         table.add_column("parity")
-        table.add_column("transition", justify="right")
-        table.add_column("rollout", justify="right")
-        table.add_column("steps/s", justify="right")
+        if agent:
+            table.add_column("agent step", justify="right")
+            table.add_column("env steps/s", justify="right")
+        else:
+            table.add_column("transition", justify="right")
+            table.add_column("rollout", justify="right")
+            table.add_column("steps/s", justify="right")
         table.add_column("memory", justify="right")
         notes: list[str] = []
         for r in results:
             parity = r.get("parity") or {}
+            word = _parity_word(parity)
             verdict = (
-                "-" if not parity else "[green]pass[/]" if parity.get("passed") else "[red]FAIL[/]"
+                "-"
+                if not parity
+                else f"[green]{word}[/]"
+                if parity.get("passed")
+                else "[red]FAIL[/]"
             )
             if r["status"] != "ok":
                 verdict = {"refused": "[red]refused[/]", "error": "[red]error[/]"}.get(
@@ -367,14 +497,10 @@ def to_rich(doc: Mapping[str, Any], width: int | None = None) -> Group:
             if peak is not None and mem.get("kind") == "cuda":
                 mem_cell += " GPU"
             cells = [r["backend"], *([r.get("device") or "-"] if len(devices) > 1 else [])]
-            cells += [
-                str(r["batch"]),
-                verdict,
-                _time_cell(r.get("step")),
-                _time_cell(r.get("rollout")),
-                _rate(r.get("throughput")),
-                mem_cell,
-            ]
+            cells += [str(r["batch"]), verdict, _time_cell(r.get("step"))]
+            if not agent:
+                cells.append(_time_cell(r.get("rollout")))
+            cells += [_rate(r.get("throughput")), mem_cell]
             table.add_row(*cells)
         parts.append(fit_words(table, width))
         for note in notes:

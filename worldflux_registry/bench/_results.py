@@ -114,7 +114,14 @@ class BackendResult:
 
 @dataclass
 class BenchRun:
-    """Every backend and batch size measured for one model."""
+    """Every backend and batch size measured for one model.
+
+    ``mode`` is ``"transition"`` (each result's ``step`` is one transition, ``rollout`` a whole
+    rollout of ``horizon`` steps, ``throughput`` steps x batch per second) or ``"agent"`` (each
+    result's ``step`` is one agent step for a batch of environments, ``rollout`` is None,
+    ``throughput`` environment steps per second; ``horizon`` is None and ``settings["agent"]``
+    says what one call runs).
+    """
 
     model: str
     family: str
@@ -122,11 +129,12 @@ class BenchRun:
     fingerprint: str
     source: str
     reference: str
-    horizon: int
+    horizon: int | None
     batches: list[int]
     export_time_s: float | None
     results: list[BackendResult]
     settings: dict[str, Any] = field(default_factory=dict)
+    mode: str = "transition"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""

@@ -3,7 +3,9 @@
 `run` measures a model (a registry ref, exported first with the export timed, or an export
 directory) on each requested backend and batch size: the latency of one ``transition`` and of a
 whole rollout (``horizon`` x transition + decode), as median and spread after warm-up, the rollout
-throughput, peak memory, the device, package versions and TF32 settings. A backend's speed is
+throughput, peak memory, the device, package versions and TF32 settings. With ``agent=True`` it
+times the contract's agent step instead (one call per environment step: ``encode`` + ``plan`` or
+``act``) and its environment steps per second. A backend's speed is
 reported only after `worldflux_registry.parity.check` (or, for a CUDA-graph replay of the torch
 model, a direct comparison with eager torch) passed; otherwise the backend is *refused* with the
 reason. `document` gathers runs into a versioned JSON document, `to_markdown` renders it with the
@@ -21,9 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._torch_env import tf32 as use_tf32
-from ..errors import BackendError, ConfigError
+from ..errors import BackendError, CapabilityError, ConfigError
 from ..registry._artifact import MANIFEST_FILE, read_artifact_manifest
 from ..registry._from_export import model_from_export
+from ._agent import AGENT_BACKENDS, _prepare_agent_backend, agent_spec, describe_call
 from ._backends import _FUSED, _INT8, BACKENDS, _Context, _fail, _prepare_backend
 from ._measure import _loadavg, _time_interleaved, _Timer, environment
 from ._report import (
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
 # The public names of the _bench_* modules are re-exported here so that callers, benchmarks and
 # the API docs keep one import path.
 __all__ = [
+    "AGENT_BACKENDS",
     "BACKENDS",
     "FORMAT",
     "FORMAT_VERSION",
@@ -70,6 +74,7 @@ Progress = Callable[[str, int, int], None]
 def run(
     ref: str | Path,
     *,
+    agent: bool = False,
     backends: Sequence[str] = ("torch", "ort-cpu"),
     batches: Sequence[int] = (1,),
     horizon: int = 16,
@@ -95,7 +100,13 @@ def run(
 
     Args:
         ref: A registry ref (``"dreamerv3:size12m"``; built with seeded random weights, then
-            exported to ONNX with the export timed) or an export directory.
+            exported to ONNX with the export timed), a checkpoint directory, or an export
+            directory.
+        agent: Time the contract's agent step (`AgentSpec`: ``encode`` + ``plan`` for a
+            planner, ``act`` for an actor) per environment step on `AGENT_BACKENDS`, instead of
+            transitions and rollouts; ``batches`` are environment batches. Each ORT result is
+            gated by `worldflux_registry.parity.check` of the agent graph (elite selections
+            judged with its near-tie rule), ``torch-compile`` by a comparison with eager.
         reference: The torch model to compare with and to time as ``"torch"``: a `WorldModel`,
             or a checkpoint directory. For an export directory without one, the family / preset
             of its manifest is built and its weights are read back from the ONNX initializers
@@ -116,18 +127,22 @@ def run(
 
     Raises:
         ConfigError: an unknown backend, a batch or horizon below 1.
+        CapabilityError: ``agent=True`` for a model whose contract declares no agent step, or
+            an export without its agent graph.
     """
     import torch
 
     from ..exporting import export
 
-    unknown = [b for b in backends if b not in BACKENDS]
+    known = AGENT_BACKENDS if agent else BACKENDS
+    unknown = [b for b in backends if b not in known]
     if unknown:
         from ..errors import did_you_mean
 
         raise ConfigError(
-            f"unknown backend {unknown[0]!r}.{did_you_mean(unknown[0], BACKENDS)}",
-            hint="backends: " + ", ".join(BACKENDS),
+            f"unknown {'agent ' if agent else ''}backend {unknown[0]!r}."
+            f"{did_you_mean(unknown[0], known)}",
+            hint=("agent backends: " if agent else "backends: ") + ", ".join(known),
         )
     if not batches or min(batches) < 1 or horizon < 1:
         raise ConfigError(f"batches {list(batches)} and horizon {horizon} must be >= 1")
@@ -159,27 +174,43 @@ def run(
             model, ref_desc = _reference_for_export(path, manifest, reference, seed)
             out_dir = path
             name = _model_name(manifest.get("family", "?"), manifest.get("preset"))
+            if agent:
+                spec = agent_spec(model.io_contract(), name)
+                if spec.graph not in manifest.get("graphs", {}):
+                    raise CapabilityError(
+                        f"the export {path} has no {spec.graph!r} graph: its agent step cannot "
+                        "be benchmarked",
+                        hint=f"re-export with --graphs encode,{spec.graph} (or bench the "
+                        "checkpoint, which exports it)",
+                        capability=spec.graph,
+                    )
         else:
             source = "ref"
             model, ref_desc = _reference_for_ref(str(ref), reference, seed, config_overrides)
+            name = _model_name(model.family or "?", model.preset)
+            if agent:
+                spec = agent_spec(model.io_contract(), name)
             if export_dir is None:
                 tmp = tempfile.TemporaryDirectory(prefix="wf-bench-")
                 out_dir = Path(tmp.name) / "export"
             else:
                 out_dir = Path(export_dir)
             fused_horizon = horizon if any(b.endswith(_FUSED) for b in backends) else None
-            graphs = ("encode", "transition", "decode") + (("rollout",) if fused_horizon else ())
+            graphs: tuple[str, ...] = ("encode", "transition", "decode")
+            if agent:
+                graphs = ("encode", spec.graph)
+            elif fused_horizon:
+                graphs += ("rollout",)
             stage("exporting to ONNX (" + ", ".join(graphs) + ")")
             t0 = time.perf_counter()
             export(model, "onnx", out_dir, graphs=graphs, rollout_horizon=horizon)
             export_time = time.perf_counter() - t0
-            if any(b.endswith(_INT8) for b in backends):
+            if not agent and any(b.endswith(_INT8) for b in backends):
                 # Beside the fp32 export; the *-int8 backends run it (parity decides, not export).
                 int8_dir = out_dir.with_name(out_dir.name + "-int8")
                 t0 = time.perf_counter()
                 export(model, "onnx", int8_dir, graphs=graphs[:3], precision="int8", check=False)
                 int8_export_time = time.perf_counter() - t0
-            name = _model_name(model.family or "?", model.preset)
         model = model.to("cpu").eval()
         bench = BenchRun(
             model=name,
@@ -188,7 +219,7 @@ def run(
             fingerprint=model.contract_fingerprint(),
             source=source,
             reference=ref_desc,
-            horizon=horizon,
+            horizon=None if agent else horizon,
             batches=list(batches),
             export_time_s=export_time,
             results=[],
@@ -207,7 +238,17 @@ def run(
                 "ort_options": dict(ort_options or {}),
                 "stochastic": "explicit noise inputs (same tensors on every backend)",
             },
+            mode="agent" if agent else "transition",
         )
+        if agent:
+            for key in ("rollout_repeats", "parity_horizon", "fused_rollout_horizon"):
+                del bench.settings[key]
+            bench.settings["agent"] = {
+                "graph": spec.graph,
+                "call": describe_call(spec),
+                "action": spec.action,
+                "config": _scalar_config(model),
+            }
         ctx = _Context(
             model=model,
             export_dir=out_dir,
@@ -233,14 +274,17 @@ def run(
             for backend in backends:
                 for batch in batches:
                     stage(f"{backend} at batch {batch}: loading, parity check, warm-up")
-                    result, timer = _prepare_backend(ctx, backend, batch)
+                    if agent:
+                        result, timer = _prepare_agent_backend(ctx, spec, backend, batch)
+                    else:
+                        result, timer = _prepare_backend(ctx, backend, batch)
                     bench.results.append(result)
                     if timer is not None:
                         timers.append(timer)
             # Each series stops at its repeats or after max_seconds of timed calls.
+            series = sum(1 + (t.rollout is not None) for t in timers)
             stage(
-                f"timing {2 * len(timers)} series, interleaved "
-                f"(at most about {2 * len(timers) * max_seconds:.0f} s)"
+                f"timing {series} series, interleaved (at most about {series * max_seconds:.0f} s)"
             )
             try:
                 _time_interleaved(timers, min_repeats=min_repeats, max_seconds=max_seconds)
@@ -260,6 +304,16 @@ def _model_name(family: str, preset: str | None) -> str:
     return f"{family}:{preset}" if preset else family
 
 
+def _scalar_config(model: WorldModel) -> dict[str, Any]:
+    """The model's config values that are plain scalars (planner settings, sizes)."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, Mapping):
+        return {}
+    return {
+        str(k): v for k, v in config.items() if isinstance(v, (bool, int, float, str)) or v is None
+    }
+
+
 def _reference_for_ref(
     ref: str,
     reference: WorldModel | str | Path | None,
@@ -274,6 +328,8 @@ def _reference_for_ref(
         return _given_reference(reference)
     torch.manual_seed(seed)
     model = registry.load(ref, device="cpu", **dict(overrides or {}))
+    if Path(ref).is_dir():
+        return model, f"checkpoint {ref}"
     return model, f"random weights (torch.manual_seed({seed}))"
 
 
@@ -307,14 +363,19 @@ def _reference_for_export(
     )
 
 
-def check_backend_names(names: Sequence[str]) -> list[str]:
-    """Validate backend names given by a user; raise `BackendError` naming the closest one."""
+def check_backend_names(names: Sequence[str], *, agent: bool = False) -> list[str]:
+    """Validate backend names given by a user; raise `BackendError` naming the closest one.
+
+    ``agent=True`` checks them against `AGENT_BACKENDS` (the backends of an agent benchmark).
+    """
     from ..errors import did_you_mean
 
+    known = AGENT_BACKENDS if agent else BACKENDS
     for name in names:
-        if name not in BACKENDS:
+        if name not in known:
+            what = "agent backend" if agent else "backend"
             raise BackendError(
-                f"unknown backend {name!r}.{did_you_mean(name, BACKENDS)}",
-                hint="backends: " + ", ".join(BACKENDS),
+                f"unknown {what} {name!r}.{did_you_mean(name, known)}",
+                hint=f"{what}s: " + ", ".join(known),
             )
     return list(names)

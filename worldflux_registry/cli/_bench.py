@@ -33,18 +33,36 @@ def register(subparsers: Any) -> None:
         "bench",
         help="benchmark a model on torch and ONNX Runtime backends (parity-gated)",
         description="Time one transition and whole rollouts of a model on each backend and batch "
-        "size. A registry ref is exported to ONNX first (export timed); an export directory is "
+        "size, or with --agent its agent step (what a deployer calls once per environment step: "
+        "encode + plan for TD-MPC2, act for DreamerV3) per batch of environments. A registry ref "
+        "or checkpoint directory is exported to ONNX first (export timed); an export directory is "
         "compared with the torch model of its manifest's family/preset. A backend whose parity "
         "check fails is reported as refused, without a speed.",
+        epilog="examples:\n"
+        "  worldflux-registry bench dreamerv3:ci --batch 1,32\n"
+        "  worldflux-registry bench ./tdmpc2-ckpt --agent --batch 1,32 --json agent.json\n\n"
+        "--agent times encode + plan (TD-MPC2) or act (DreamerV3) on torch, torch-compile and "
+        "ort-cpu by default; each ONNX result is gated by parity of the agent graph (MPPI elites "
+        "may differ only by a near-tie: swapped candidates whose values agree). Columns: the "
+        "median agent-step time (p10-p90 beneath) and environment steps per second.",
     )
     p.add_argument("ref", metavar="REF_OR_EXPORT", help="registry ref or ONNX export directory")
     p.add_argument(
+        "--agent",
+        action="store_true",
+        help="time the contract's agent step (encode + plan, or act) per environment step "
+        "instead of transitions and rollouts; --batch gives the environment batches",
+    )
+    p.add_argument(
         "--backends",
         type=_names,
-        default=["torch", "ort-cpu"],
+        default=None,
         help="comma-separated: torch, torch-compile, torch-cudagraph, ort-cpu, ort-cuda, "
         "ort-cuda-graph, and ort-*-fused variants that roll out through the fused rollout "
-        "graph (a ref is then exported with one of --horizon steps) (default: torch,ort-cpu)",
+        "graph (a ref is then exported with one of --horizon steps), ort-cpu-int8 (an int8 "
+        "export, gated by the int8 tolerances) (default: torch,ort-cpu); "
+        "with --agent: torch, torch-compile, ort-cpu, ort-cuda "
+        "(default: torch,torch-compile,ort-cpu)",
     )
     p.add_argument(
         "--batch", type=_ints, default=[1], metavar="B,...", help="comma-separated batch sizes"
@@ -69,7 +87,11 @@ def register(subparsers: Any) -> None:
         "--warmup", type=positive_int, default=5, metavar="N", help="untimed calls first"
     )
     p.add_argument(
-        "--repeats", type=positive_int, default=50, metavar="N", help="timed transitions"
+        "--repeats",
+        type=positive_int,
+        default=50,
+        metavar="N",
+        help="timed agent steps with --agent, else timed transitions",
     )
     p.add_argument(
         "--rollout-repeats", type=positive_int, default=20, metavar="N", help="timed rollouts"
@@ -96,7 +118,11 @@ def _preflight(args: argparse.Namespace) -> None:
     """Argument checks that need no model (and no torch)."""
     from .. import bench as _bench
 
-    _bench.check_backend_names(args.backends)
+    if args.backends is None:
+        args.backends = (
+            ["torch", "torch-compile", "ort-cpu"] if args.agent else ["torch", "ort-cpu"]
+        )
+    _bench.check_backend_names(args.backends, agent=args.agent)
     check_output_file(args.json_path, "--json")
     check_output_file(args.markdown, "--markdown")
     check_output_dir(args.export_dir, "--export-dir")
@@ -135,6 +161,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         run = _bench.run(
             args.ref,
+            agent=args.agent,
             backends=args.backends,
             batches=args.batch,
             horizon=args.horizon,
