@@ -386,10 +386,23 @@ class DreamerV3WorldModel(WorldModel):
 
     family = spec.FAMILY
     capabilities = spec.CAPABILITIES
-    #: Kept float32 in int8 exports: the categorical logits of the posterior and prior (a
-    #: flipped sample sends the rollout elsewhere) and the raw-space two-hot heads (their readout
-    #: multiplies logit noise by ~1e7 near a flat head).
-    keep_in_fp32 = ("dyn.obslogit", "dyn.priorlogit", "rew.", "val.", "slowval.")
+    #: Kept float32 in int8 exports, chosen by free-running parity (benchmarks/int8_search.py,
+    #: size12m at batch 64, 16 steps, flip budget 0.05): the whole prior head and the GRU's
+    #: input layers (int8 there flipped 7.5% of the prior samples; fp32 there 3.3-3.6% over
+    #: three seeds, and the int8 block GRU and deter input still run a transition 1.3-1.6x
+    #: faster than the fp32 export, benchmarks/results/int8_speed_cpu.md), the decoder
+    #: (int8 put its vector reconstruction 1.24x past the int8 tolerance), the posterior logits,
+    #: and the raw-space two-hot heads (their readout multiplies logit noise by ~1e7 near a flat
+    #: head).
+    keep_in_fp32 = (
+        "dyn.dynin",
+        "dyn.prior",
+        "dyn.obslogit",
+        "decoder.",
+        "rew.",
+        "val.",
+        "slowval.",
+    )
     bins: Tensor
 
     def __init__(self, **config: Any) -> None:
