@@ -77,7 +77,7 @@ def _requantize(fp32: Path, out: Path, keep: tuple[str, ...]) -> Path:
 def _verdict(
     reference: Any, candidate: Any, batch: int, horizon: int, budget: float, seed: int
 ) -> dict:
-    from worldflux_registry.bench._verdict import flip_budget_verdict
+    from worldflux_registry.bench import flip_budget_verdict
 
     report, summary, reasons = flip_budget_verdict(
         reference, candidate, batch, horizon, budget, seed=seed

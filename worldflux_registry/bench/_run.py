@@ -40,6 +40,7 @@ from ._report import (
     write,
 )
 from ._results import BackendResult, BenchRun, Timing
+from ._verdict import flip_budget_verdict
 
 if TYPE_CHECKING:
     from ..protocol._model import WorldModel
@@ -59,6 +60,7 @@ __all__ = [
     "document",
     "environment",
     "evaluate_targets",
+    "flip_budget_verdict",
     "run",
     "to_markdown",
     "to_rich",
