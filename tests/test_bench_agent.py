@@ -15,7 +15,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -23,6 +22,7 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("worldflux_onnx")
 
+from _tamper import halve_largest_weight  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from worldflux_registry import CapabilityError, ConfigError, registry  # noqa: E402
@@ -141,33 +141,9 @@ def test_act_agent_step_of_dreamerv3_is_timed_after_parity(dreamer):
     assert ort.parity["passed"] and ort.parity["selections"] == []
 
 
-def _tamper(export_dir, dest, graph):
-    """A copy of the export with the largest weight of ``graph`` halved, hashes kept valid."""
-    from onnx import numpy_helper
-    from worldflux_onnx._manifest import sha256_file
-
-    shutil.copytree(export_dir, dest)
-    path = dest / f"{graph}.onnx"
-    proto = onnx.load(str(path))
-    # The largest weight that is not all zeros (zero-initialised heads would not change).
-    weights = [
-        i
-        for i in proto.graph.initializer
-        if i.data_type == onnx.TensorProto.FLOAT and np.any(numpy_helper.to_array(i))
-    ]
-    init = max(weights, key=lambda i: int(np.prod(i.dims)))
-    array = numpy_helper.to_array(init) * np.float32(0.5)
-    init.CopyFrom(numpy_helper.from_array(array, init.name))
-    onnx.save(proto, str(path))
-    manifest = json.loads((dest / "manifest.json").read_text())
-    manifest["graphs"][graph]["sha256"] = sha256_file(path)
-    (dest / "manifest.json").write_text(json.dumps(manifest))
-    return dest
-
-
 def test_a_tampered_plan_graph_is_refused_without_a_speed(tdmpc2, tmp_path):
     model, _, out, _ = tdmpc2
-    bad = _tamper(out, tmp_path / "bad", "plan")
+    bad = halve_largest_weight(out, tmp_path / "bad", "plan")
     run = _bench.run(bad, agent=True, reference=model, backends=["torch", "ort-cpu"], **FAST)
     assert _result(run, "torch", 1).status == "ok"
     ort = _result(run, "ort-cpu", 1)
@@ -184,7 +160,7 @@ def test_a_tampered_plan_graph_is_refused_without_a_speed(tdmpc2, tmp_path):
 
 def test_a_tampered_act_graph_is_refused(dreamer, tmp_path):
     model, _, out = dreamer
-    bad = _tamper(out, tmp_path / "bad", "act")
+    bad = halve_largest_weight(out, tmp_path / "bad", "act")
     run = _bench.run(bad, agent=True, reference=model, backends=["ort-cpu"], batches=[2], **FAST)
     (ort,) = run.results
     assert ort.status == "refused" and ort.step is None

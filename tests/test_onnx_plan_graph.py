@@ -11,7 +11,6 @@ the official settings (6 iterations of 512 samples).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("worldflux_onnx")
 
-from onnx import numpy_helper  # noqa: E402
+from _tamper import halve_largest_weight  # noqa: E402
 
 from worldflux_registry import ConditionPayload, State, parity, registry  # noqa: E402
 from worldflux_registry.cli import main  # noqa: E402
@@ -167,26 +166,10 @@ def test_ort_plan_step_draws_missing_noise_and_starts_from_zeros(exported):
 
 
 def test_a_tampered_plan_graph_fails_parity_at_the_plan_graph(exported, tmp_path):
-    from worldflux_onnx._manifest import sha256_file
     from worldflux_onnx.runtime import load_artifact
 
     model, _, out, _ = exported
-    bad = tmp_path / "bad"
-    shutil.copytree(out, bad)
-    path = bad / "plan.onnx"
-    proto = onnx.load(str(path))
-    # Halve the largest weight matrix (a hidden layer of the dynamics, reward, Q or policy).
-    index = max(
-        range(len(proto.graph.initializer)),
-        key=lambda i: int(np.prod(proto.graph.initializer[i].dims)),
-    )
-    init = proto.graph.initializer[index]
-    array = numpy_helper.to_array(init) * np.float32(0.5)
-    proto.graph.initializer[index].CopyFrom(numpy_helper.from_array(array, init.name))
-    onnx.save(proto, str(path))
-    manifest = json.loads((bad / "manifest.json").read_text())
-    manifest["graphs"]["plan"]["sha256"] = sha256_file(path)
-    (bad / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    bad = halve_largest_weight(out, tmp_path / "bad", "plan")
     report = parity.check(
         model, load_artifact(bad, providers=["cpu"]), batch_sizes=(1, 3), modes=("step",)
     )
